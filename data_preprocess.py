@@ -1,0 +1,26 @@
+"""Sample the male/ and female/ folders into train, validation and held-out test manifests.
+
+Writes work_dir/splits/{train,val,test}.csv and summary.json. Never modifies the images.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the package beside this script (notebooks, %run)
+
+from vggface_gender import cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = cli.make_parser("data_preprocess.py", __doc__)
+
+    def body(args):
+        cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
+        from vggface_gender import dataset
+        dataset.run_stage(cfg, args)
+
+    return cli.run(parser, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Male/female face classification on top of VGG-Face (MatConvNet weights).
+
+The four top-level scripts (data_preprocess, model_conversion, train, predict) are thin
+wrappers; the logic lives here, one module per concern:
+
+- ``config``     the one config schema, defaults, validation, ``--set`` overrides
+- ``cli``        shared argument parsing and one-line error reporting for the scripts
+- ``errors``     the exception types that become one-line errors
+- ``workdir``    where each stage writes, and atomic writes
+- ``progress``   a small dependency-free progress bar
+- ``images``     the one image loader (decode, orientation, colour, resize)
+- ``dataset``    sampling and splitting the class folders
+- ``matconvnet`` reading MatConvNet SimpleNN ``.mat`` files (v5 and v7.3)
+- ``layers``     the few Keras layer classes with no built-in equivalent
+- ``keras_model`` building the Keras network from a parsed MatConvNet net
+- ``features``   the cached frozen-base features
+- ``training``   the classifier head and its training
+- ``metrics``    evaluation metrics
+- ``reports``    plots and console tables
+- ``synthetic``  generated MatConvNet files and images (tests, demo, benchmarks)
+
+Importing this package is cheap: TensorFlow is only imported by the modules that need it.
+Import it before ``keras.saving.load_model`` on a saved model that uses one of the
+package's registered layers (see README).
+"""
+
+__version__ = "0.1.0"

@@ -57,6 +57,7 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # --help, or argparse's own usage error (already printed)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    quiet_tensorflow()
     try:
         code = body(args)
         return int(code or 0)

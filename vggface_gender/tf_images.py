@@ -1,0 +1,61 @@
+"""``tf.data`` pipelines over the one image loader (``images.load_image``).
+
+Decoding runs in parallel threads (Pillow releases the GIL while decoding) and overlaps with
+the model's compute through ``prefetch``; images are streamed, never all held in memory.
+Order is deterministic: batch ``i`` always holds the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from .errors import ImageError
+from .images import ImagePolicy, load_image
+
+
+def _decode(policy: ImagePolicy):
+    height, width = policy.size
+
+    def decode(path_bytes: bytes):
+        path = os.fsdecode(path_bytes)
+        try:
+            return load_image(path, policy), b""
+        except ImageError as exc:
+            return np.zeros((height, width, 3), np.uint8), str(exc).encode("utf-8")
+
+    return decode
+
+
+def image_dataset(paths: Sequence[str | os.PathLike], policy: ImagePolicy, batch_size: int,
+                  labels: np.ndarray | None = None) -> tf.data.Dataset:
+    """Batches of ``(images, errors)`` or, with ``labels``, ``(images, labels, errors)``.
+
+    ``images`` is float32 ``(B, H, W, 3)`` RGB in 0-255 (what the converted models take);
+    ``errors`` is a string per image, empty when it decoded (a bad file yields a black image
+    and its one-line error, so callers decide whether to stop or to report and go on).
+    """
+    height, width = policy.size
+    decode = _decode(policy)
+
+    def load(path):
+        image, error = tf.numpy_function(decode, [path], (tf.uint8, tf.string), stateful=False)
+        image = tf.cast(tf.ensure_shape(image, (height, width, 3)), tf.float32)
+        return image, tf.ensure_shape(error, ())
+
+    ds = tf.data.Dataset.from_tensor_slices([os.fspath(p) for p in paths])
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if labels is not None:
+        label_ds = tf.data.Dataset.from_tensor_slices(np.asarray(labels))
+        ds = tf.data.Dataset.zip((ds, label_ds)).map(lambda x, y: (x[0], y, x[1]))
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def raise_first_error(errors) -> None:
+    """Raise ``ImageError`` for the first non-empty entry of a batch's ``errors`` tensor."""
+    for e in np.asarray(errors).ravel():
+        if e:
+            raise ImageError(e.decode("utf-8") if isinstance(e, bytes) else str(e))

@@ -23,3 +23,8 @@ class ImageError(PipelineError):
 
 class ModelFileError(PipelineError):
     """A MatConvNet ``.mat`` file cannot be read or converted."""
+
+
+class DataError(PipelineError):
+    """The image folders cannot give the requested splits (missing, empty, too few images),
+    or a split manifest is malformed."""

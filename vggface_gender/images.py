@@ -4,17 +4,28 @@ Imports neither TensorFlow nor matplotlib, so ``data_preprocess.py`` starts fast
 
 ``load_image(path, policy)`` returns an ``(H, W, 3)`` uint8 RGB array at the network's input
 size: EXIF orientation applied, any mode converted to 8-bit RGB, then resized by the policy's
-rule (stretch, centre-crop or pad) with the policy's interpolation.
+rule (stretch, centre-crop or pad) with the policy's interpolation. Large JPEGs are decoded at
+a reduced DCT scale first (Pillow's ``draft``), never below the size the resize needs.
+
+Broken input is an ``ImageError`` whose message is one line, ``<path>: <what is wrong>``: an
+empty file, a file that is not an image (or in a format we do not read), a truncated or
+corrupt image. Truncated files are errors, never silently padded: this module relies on
+Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False`` and forces the full decode.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+# Register exactly the decoders DECODE_FORMATS names (Image.open(formats=...) needs them loaded).
+from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin,  # noqa: F401
+                 TiffImagePlugin, WebPImagePlugin)
 
 from .errors import ImageError
 
@@ -26,6 +37,25 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# Only the formats our extensions name. Anything else is "not an image" to us; this also keeps
+# Pillow from handing, say, an EPS file named .jpg to an external program.
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF")
+_JPEG_FORMATS = ("JPEG", "MPO")  # the JPEG decoder opens cameras' multi-picture files as MPO
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+# We convert palette transparency to RGBA ourselves; Pillow's advice to do so is noise here.
+warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,8 @@ class ImagePolicy:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
+        if len(self.size) != 2 or not all(int(s) > 0 for s in self.size):
+            raise ValueError(f"size must be (height, width) > 0, got {self.size!r}")
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "resize": self.resize, "interpolation": self.interpolation}
@@ -50,6 +82,7 @@ def resolve_policy(cfg, model_info: dict) -> ImagePolicy:
     """The one rule for the image policy: size from the model, resize from the config,
     interpolation from the config, else the model file's, else bilinear."""
     interpolation = cfg.images.interpolation or (model_info.get("interpolation") or "bilinear")
+    interpolation = str(interpolation).lower()
     if interpolation not in _RESAMPLE:  # e.g. a model file naming something Pillow lacks
         interpolation = "bilinear"
     height, width = model_info["input_size"][:2]
@@ -57,61 +90,139 @@ def resolve_policy(cfg, model_info: dict) -> ImagePolicy:
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a visible file whose name ends in one of ``IMAGE_EXTENSIONS`` (any case)."""
     name = os.path.basename(path)
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def load_image(path: str | os.PathLike, policy: ImagePolicy | None = None) -> np.ndarray:
-    """Decode ``path`` to uint8 RGB; resize to ``policy.size`` when a policy is given.
+    """Decode ``path`` to uint8 RGB ``(H, W, 3)``; resize to ``policy.size`` when a policy is given.
 
     Raises ``ImageError`` (one line, naming the file) for anything unreadable.
     """
+    img = open_rgb(path, policy)
     try:
-        with Image.open(path) as img:
-            if policy is not None and img.format == "JPEG":
-                # Decode large JPEGs at reduced size (a power-of-two DCT scale, never below target).
-                img.draft("RGB", _draft_size(img.size, policy))
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
-            if policy is not None:
-                img = resize(img, policy)
-            return np.asarray(img, dtype=np.uint8)
+        if policy is not None:
+            img = resize(img, policy)
+        return np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # pragma: no cover - resize of a decoded RGB image should not fail
+        raise ImageError(f"{path}: cannot resize image ({_exc_text(exc)})") from None
+
+
+def verify_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Decode ``path`` completely, as ``load_image`` would; return its upright ``(width, height)``.
+
+    Raises ``ImageError`` exactly where ``load_image`` would.
+    """
+    return open_rgb(path).size
+
+
+def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Image.Image:
+    """The decoded, upright, 8-bit RGB Pillow image, before resizing.
+
+    With a policy, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
+    leaves at least the pixels the policy's resize needs.
+    """
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageError(f"{path}: empty file")
+            try:
+                img = Image.open(f, formats=DECODE_FORMATS)
+            except UnidentifiedImageError:
+                raise ImageError(f"{path}: not an image file "
+                                 f"(not JPEG, PNG, BMP, GIF, WebP or TIFF data)") from None
+            orientation = _orientation(img)
+            if policy is not None and img.format in _JPEG_FORMATS:
+                img.draft("RGB", _draft_size(img.size, policy, swap=orientation in (5, 6, 7, 8)))
+            # Image.open is lazy: load() decodes every byte now, so a truncated file raises
+            # here (LOAD_TRUNCATED_IMAGES is False) instead of yielding grey padding.
+            img.load()
+            if orientation in _ORIENTATION_TRANSPOSE:
+                img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
+            return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
-    except Exception as exc:  # Pillow raises many types for broken files
-        raise ImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: cannot read (permission denied)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: image too large ({_exc_text(exc)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports broken data as OSError ("image file is truncated", "broken data
+        # stream"), SyntaxError (bad headers) or ValueError/EOFError (bad sizes, short reads).
+        text = _exc_text(exc)
+        kind = "truncated image" if "truncated" in text.lower() else "corrupt image"
+        raise ImageError(f"{path}: {kind} ({text})") from None
+    except Exception as exc:  # any other decoder failure is still a broken file, not a crash
+        raise ImageError(f"{path}: cannot decode image ({_exc_text(exc)})") from None
 
 
-def _draft_size(size: tuple[int, int], policy: ImagePolicy) -> tuple[int, int]:
+def _exc_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright). A damaged EXIF block is ignored: the pixels are fine."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:
+        return 1
+
+
+def _draft_size(size: tuple[int, int], policy: ImagePolicy, swap: bool = False) -> tuple[int, int]:
+    """The smallest ``(width, height)`` of the stored image that the policy's resize needs.
+
+    ``swap``: the image is stored rotated by 90 degrees (EXIF orientation 5-8), so the target's
+    width applies to the stored height.
+    """
     h, w = policy.size
+    if swap:
+        h, w = w, h
     if policy.resize == "stretch":
         return (w, h)
-    # crop keeps the shorter side at the target; pad the longer one: ask for enough pixels
+    # crop scales the image to cover the target, pad to fit inside it: keep that many pixels
     sw, sh = size
     scale = max(w / sw, h / sh) if policy.resize == "crop" else min(w / sw, h / sh)
-    return (max(1, int(sw * scale)), max(1, int(sh * scale)))
+    return (max(1, math.ceil(sw * scale)), max(1, math.ceil(sh * scale)))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (transparency composited on black)."""
+    """Any Pillow mode -> 8-bit RGB.
+
+    Transparency (RGBA, LA, palette with a transparent index or per-entry alpha) is composited
+    on black, the colour ``pad`` uses. 16-bit greyscale maps 0..65535 to 0..255 by its mode,
+    never by the image's own range, so a dark 16-bit image stays dark.
+    """
     if img.mode == "RGB":
         return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in _SIXTEEN_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA"):
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        # 32-bit integer or float greyscale has no fixed range: 16-bit files opened this way
+        # (0..65535) are the common case; larger values clip.
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ValueError(f"unsupported image mode {img.mode!r} ({exc})") from None
 
 
 def resize(img: Image.Image, policy: ImagePolicy) -> Image.Image:
+    """Bring an RGB image to ``policy.size``: stretch, centre-crop (cover) or pad (fit, black)."""
     h, w = policy.size
     resample = _RESAMPLE[policy.interpolation]
     if img.size == (w, h):
@@ -130,3 +241,4 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / name for name in filenames if is_image_file(name))
     return sorted(found)
+

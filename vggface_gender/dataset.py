@@ -1,0 +1,587 @@
+"""Sample the class folders into reproducible, leak-free train / validation / test manifests.
+
+The stage (``run_stage``), in order:
+
+1. **Scan** each class folder (``data.root / data.class_dirs[class]``) recursively for image
+   file names (``images.IMAGE_EXTENSIONS``, any case); hidden files and folders are skipped.
+2. **Hash** every candidate by content (SHA-256, read in chunks on a few threads: memory does
+   not grow with file sizes, only by ~200 bytes of bookkeeping per file).
+3. **Deduplicate**: identical files within a class keep one copy (the first path in sorted
+   order); identical files filed under more than one class are dropped altogether (their label
+   is unknowable). Every dropped copy is reported. So no content can reach two splits.
+4. **Order** each class's unique images by ``sha256(seed, content hash)``: a random order that
+   depends only on the seed and the images themselves, not on file names, the folder's listing
+   order, the platform or library versions. Adding images to a folder does not reshuffle the
+   others.
+5. **Draw** the held-out test set first, then the training sample, walking that order and
+   decode-verifying each image with the project's one loader; a file that fails is reported and
+   the next one in the order takes its place, so the requested counts still hold. Only the
+   drawn images (and their replacements) are decoded. A ``test_per_class`` of ``all`` means
+   "every usable image not in the sample": then the sample is drawn first.
+6. **Split** each class's sample into validation (``round(n * val_fraction)``, the first in the
+   order) and training: stratified by construction.
+7. **Write** ``work_dir/splits/{train,val,test}.csv`` (``path,label,sha256``; path relative to
+   ``data.root`` with ``/`` separators; rows sorted by class, then path) and ``summary.json``,
+   each atomically. No timestamps: the same images, config and seed give byte-identical files.
+
+Nothing under ``data.root`` is created, changed or removed; files are only opened for reading.
+Imports neither TensorFlow nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import sys
+import threading
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from . import images
+from .config import ALL
+from .errors import ConfigError, DataError, ImageError
+from .progress import Progress
+from .workdir import WorkDir, atomic_open, require, write_json
+
+SPLITS = ("train", "val", "test")
+MANIFEST_HEADER = ("path", "label", "sha256")
+SUMMARY_FORMAT = "vggface_gender.splits/1"
+STAGE_SCRIPT = "data_preprocess.py"
+
+# Reasons a file is not used (summary.json "skipped"[].reason); details say more.
+HIDDEN = "hidden"
+NOT_IMAGE_NAME = "not an image file name"
+BAD_NAME = "file name not UTF-8"
+UNREADABLE = "unreadable"
+EMPTY = "empty file"
+DUPLICATE = "duplicate"
+IN_BOTH_CLASSES = "in more than one class"
+UNDECODABLE = "undecodable"
+
+_CHUNK = 1 << 20  # hashing read size: large files stream through a fixed buffer
+_HASH_BATCH = 32  # files per hashing task
+_ORDER_DOMAIN = b"vggface_gender.dataset.order\0"
+
+
+# --------------------------------------------------------------------------- manifests (read side)
+class ManifestEntry(NamedTuple):
+    """One manifest row for train/predict: the image's absolute path and its class name."""
+
+    path: Path
+    label: str
+
+
+def read_manifest(path: str | os.PathLike, data_root: str | os.PathLike,
+                  classes: Sequence[str] | None = None) -> list[ManifestEntry]:
+    """Read a split manifest written by ``data_preprocess.py``.
+
+    Paths in the file are relative to ``data_root`` (so the data folder may move); labels are
+    class names. With ``classes``, a label outside them is a one-line ``DataError``. A missing
+    manifest is a ``MissingInputError`` that names ``data_preprocess.py``.
+    """
+    path = require(Path(path), STAGE_SCRIPT, "split manifest")
+    data_root = Path(data_root)
+    allowed = None if classes is None else set(classes)
+    entries: list[ManifestEntry] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or tuple(header) != MANIFEST_HEADER:
+                raise DataError(f"{path}: not a split manifest (header {header!r}, expected "
+                                f"{','.join(MANIFEST_HEADER)}); run `python {STAGE_SCRIPT}` again")
+            for row in reader:
+                line = reader.line_num
+                if len(row) != len(MANIFEST_HEADER) or not row[0] or not row[1]:
+                    raise DataError(f"{path}: line {line}: expected path,label,sha256, got {row!r}")
+                rel, label = row[0], row[1]
+                if allowed is not None and label not in allowed:
+                    raise DataError(
+                        f"{path}: line {line}: label {label!r} is not one of the configured classes "
+                        f"({', '.join(classes)}); run `python {STAGE_SCRIPT}` with this config")
+                entries.append(ManifestEntry(data_root / PurePosixPath(rel), label))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable split manifest ({type(exc).__name__}: {exc})") from None
+    return entries
+
+
+def load_split(cfg, split: str) -> list[ManifestEntry]:
+    """``read_manifest`` for ``split`` ('train', 'val' or 'test') with the config's paths and classes."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return read_manifest(WorkDir(cfg.work_dir).manifest(split), cfg.data.root, cfg.classes)
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass
+class _Skip:
+    path: str
+    label: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "class": self.label, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class _ClassReport:
+    folder: str
+    image_files: int = 0
+    unique: int = 0
+    duplicates: int = 0
+    in_both_classes: int = 0
+    unreadable: int = 0
+    verified: int = 0
+    undecodable: int = 0
+    counts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        used = sum(self.counts.values())
+        return {
+            "folder": self.folder,
+            "image_files": self.image_files,
+            "unique_candidates": self.unique,
+            "duplicates_dropped": self.duplicates,
+            "in_both_classes_dropped": self.in_both_classes,
+            "unreadable_or_empty": self.unreadable,
+            "decode_verified": self.verified,
+            "undecodable": self.undecodable,
+            "used": used,
+            "unused_not_verified": self.unique - self.verified,
+        }
+
+
+def run_stage(cfg, args=None) -> dict:
+    """Write the split manifests and ``summary.json`` under ``work_dir/splits``; return the summary.
+
+    ``args.workers`` (optional): threads for hashing and decoding (default: from the CPU count).
+    """
+    workers = getattr(args, "workers", None) if args is not None else None
+    quiet = bool(getattr(args, "quiet", False)) if args is not None else False
+    where = str(cfg.source) if getattr(cfg, "source", None) else "config"
+    classes = cfg.classes
+    data = cfg.data
+    root = Path(data.root)
+    test_n, sample_n = data.test_per_class, data.sample_per_class
+    if test_n == ALL and sample_n == ALL:
+        raise ConfigError(f"{where}: data.test_per_class and data.sample_per_class cannot both be "
+                          f"'all' (which one gets the images?)")
+    folders = _check_folders(cfg, root, classes, where)
+    if images_truncation_allowed():
+        print("warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated "
+              "images will not be detected", file=sys.stderr)
+
+    # 1. scan
+    skipped: list[_Skip] = []
+    paths: list[str] = []
+    labels = bytearray()  # class index per candidate, parallel to paths
+    reports = {}
+    for c, cls in enumerate(classes):
+        found = _scan_class(root, folders[cls], cls, skipped)
+        if not found:
+            raise DataError(f"{root / folders[cls]}: no image files for class '{cls}' (searched all "
+                            f"subfolders for {', '.join(images.IMAGE_EXTENSIONS)}, any case)")
+        reports[cls] = _ClassReport(folder=folders[cls], image_files=len(found))
+        paths.extend(found)
+        labels.extend([c] * len(found))
+
+    # 2. hash (in order; results do not depend on thread timing)
+    n = len(paths)
+    digests = bytearray(32 * n)
+    hashed = np.zeros(n, dtype=bool)
+    hash_workers = workers or min(8, 2 * _cpu_count())
+    root_text = os.fspath(root)
+    with Progress(n, "hashing", enabled=not quiet) as bar:
+        # Batches of files per task: for small files the per-task overhead would dominate.
+        batches = (paths[i: i + _HASH_BATCH] for i in range(0, n, _HASH_BATCH))
+        results = _ordered_map(lambda batch: [_hash_file(os.path.join(root_text, rel)) for rel in batch],
+                               batches, hash_workers)
+        i = 0
+        for batch_results in results:
+            for result in batch_results:
+                if isinstance(result, bytes):
+                    digests[32 * i: 32 * i + 32] = result
+                    hashed[i] = True
+                else:
+                    skipped.append(_Skip(paths[i], classes[labels[i]],
+                                         EMPTY if result == EMPTY else UNREADABLE,
+                                         "" if result == EMPTY else result))
+                    reports[classes[labels[i]]].unreadable += 1
+                i += 1
+            bar.update(len(batch_results))
+    digest_rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)  # a view, no copy
+
+    # 3. deduplicate
+    unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
+
+    # 4.-6. order, draw with verification, split
+    rows: dict[str, list[tuple[str, str, str]]] = {s: [] for s in SPLITS}
+    warnings: list[str] = []
+    verify_workers = workers or _cpu_count()
+    needed = sum(x for x in (test_n, sample_n) if x != ALL)
+    for c, cls in enumerate(classes):
+        reports[cls].unique = len(unique[c])
+        if len(unique[c]) < needed and not data.allow_fewer:
+            # Fail before decoding the other classes; decoding this short pool (cheaper than a
+            # successful run) makes the error's count of usable images exact.
+            order = _ordered(unique[c], digest_rows, cfg.seed)
+            drawn = _draw(order, test_n, sample_n, paths, root, cls, reports[cls], [],
+                          verify_workers, quiet=True)
+            raise _too_few(root / folders[cls], cls, reports[cls],
+                           len(drawn["test"]) + len(drawn["sample"]), test_n, sample_n)
+    for c, cls in enumerate(classes):
+        report = reports[cls]
+        order = _ordered(unique[c], digest_rows, cfg.seed)
+        drawn = _draw(order, test_n, sample_n, paths, root, cls, report, skipped,
+                      verify_workers, quiet)
+        usable = len(drawn["test"]) + len(drawn["sample"])
+        if usable < needed and not data.allow_fewer:
+            raise _too_few(root / folders[cls], cls, report, usable, test_n, sample_n)
+        if not usable and (needed or ALL in (test_n, sample_n)):
+            raise DataError(f"{root / folders[cls]}: no usable images for class '{cls}' "
+                            f"({report.image_files} image files, none both unique and decodable)")
+        for split, requested in (("test", test_n), ("sample", sample_n)):
+            if requested != ALL and len(drawn[split]) < requested:
+                warnings.append(f"class '{cls}': {len(drawn[split])} {split} images, "
+                                f"{requested} requested (data.allow_fewer is true)")
+        sample = drawn["sample"]
+        n_val = math.floor(len(sample) * data.val_fraction + 0.5)
+        chosen = {"val": sample[:n_val], "train": sample[n_val:], "test": drawn["test"]}
+        for split in SPLITS:
+            report.counts[split] = len(chosen[split])
+            rows[split].extend(sorted((paths[i], cls, digest_rows[i].tobytes().hex())
+                                      for i in chosen[split]))
+        for split, requested in (("train", sample_n), ("test", test_n)):
+            if not chosen[split] and requested != 0:
+                warnings.append(f"class '{cls}': the {split} split is empty")
+
+    # 7. write
+    return _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet)
+
+
+def images_truncation_allowed() -> bool:
+    """Whether Pillow was switched (by someone in this process) to pad truncated files."""
+    from PIL import ImageFile
+    return bool(ImageFile.LOAD_TRUNCATED_IMAGES)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_folders(cfg, root: Path, classes: list[str], where: str) -> dict[str, str]:
+    """Validate data.root, data.class_dirs and work_dir; return class -> folder (POSIX, relative)."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "folder not found"
+        raise DataError(f"{root}: data {what} (data.root in {where})")
+    folders: dict[str, str] = {}
+    for cls in classes:
+        raw = cfg.data.class_dirs[cls]
+        rel = PurePosixPath(raw.replace("\\", "/"))
+        if rel.is_absolute() or Path(raw).is_absolute() or ".." in rel.parts or str(rel) in ("", "."):
+            raise ConfigError(f"{where}: data.class_dirs.{cls}: expected a folder name inside "
+                              f"data.root, got {raw!r}")
+        folder = root / rel
+        if not folder.is_dir():
+            present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            listing = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "") or "no folders"
+            what = "is not a folder" if folder.exists() else "not found"
+            raise DataError(f"{folder}: folder for class '{cls}' {what} (data.class_dirs.{cls} = "
+                            f"{raw!r}); {root} holds: {listing}; e.g. "
+                            f"--set data.class_dirs.{cls}=<folder>")
+        folders[cls] = str(rel)
+    names = list(folders.items())
+    for i, (a, fa) in enumerate(names):
+        for b, fb in names[i + 1:]:
+            pa, pb = PurePosixPath(fa).parts, PurePosixPath(fb).parts
+            if pa == pb[: len(pa)] or pb == pa[: len(pb)]:
+                raise ConfigError(f"{where}: data.class_dirs: the folders of '{a}' ({fa!r}) and "
+                                  f"'{b}' ({fb!r}) overlap; each class needs its own folder")
+    work = Path(os.path.realpath(cfg.work_dir))
+    real_root = Path(os.path.realpath(root))
+    if work == real_root or real_root in work.parents:
+        raise ConfigError(f"{where}: work_dir ({cfg.work_dir}) is inside data.root ({root}); "
+                          f"nothing may be written there: choose a work_dir outside it")
+    return folders
+
+
+def _scan_class(root: Path, folder: str, cls: str, skipped: list[_Skip]) -> list[str]:
+    """Image files under ``root/folder`` as sorted POSIX paths relative to ``root``."""
+    found: list[str] = []
+
+    def unreadable_folder(exc: OSError) -> None:
+        rel = _relative(root, exc.filename) if exc.filename else folder
+        skipped.append(_Skip(rel, cls, UNREADABLE, f"cannot list folder ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root / folder, onerror=unreadable_folder):
+        rel_dir = _relative(root, dirpath)
+        for name in sorted(d for d in dirnames if d.startswith(".")):
+            skipped.append(_Skip(f"{rel_dir}/{name}", cls, HIDDEN, "hidden folder, not searched"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            rel = f"{rel_dir}/{name}"
+            if name.startswith("."):
+                skipped.append(_Skip(rel, cls, HIDDEN, "hidden file"))
+            elif not images.is_image_file(name):
+                skipped.append(_Skip(rel, cls, NOT_IMAGE_NAME,
+                                     f"extension not one of {', '.join(images.IMAGE_EXTENSIONS)}"))
+            elif not _utf8(rel):
+                # The manifest is UTF-8 text; such a name cannot be written into it faithfully.
+                skipped.append(_Skip(rel.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+                                     cls, BAD_NAME, "rename the file to use it"))
+            else:
+                found.append(rel)
+    found.sort()
+    return found
+
+
+def _relative(root: Path, path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+_thread_state = threading.local()
+
+
+def _hash_file(path: str) -> bytes | str:
+    """SHA-256 digest of the file's bytes, or the reason it cannot be read (``EMPTY`` if empty).
+
+    Reads through one fixed buffer per thread: memory stays flat whatever the file sizes, and
+    hashlib releases the GIL on large updates, so threads help on large files.
+    """
+    buffer = getattr(_thread_state, "buffer", None)
+    if buffer is None:
+        buffer = _thread_state.buffer = memoryview(bytearray(_CHUNK))
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buffer)
+                if not n:
+                    break
+                digest.update(buffer[:n])
+                total += n
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or type(exc).__name__})"
+    if total == 0:
+        return EMPTY
+    return digest.digest()
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, results in input order, few tasks in flight.
+
+    Bounded so that memory does not grow with the number of items.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports) -> list[np.ndarray]:
+    """Indices of the unique, single-class files of each class; report every dropped copy."""
+    lab = np.frombuffer(labels, dtype=np.uint8)
+    keep = hashed.copy()
+    idx = np.flatnonzero(hashed)
+    # Group by the digest's first 8 bytes (8 bytes per file, not 32); only the rare runs that
+    # share a prefix are compared in full. Ties sort by index: paths are sorted within a class and
+    # classes come in label order, so the first file of a group is the one kept.
+    prefix = np.ascontiguousarray(digest_rows[idx, :8]).view(">u8").ravel()
+    perm = np.lexsort((idx, prefix))
+    order, prefix = idx[perm], prefix[perm]
+    repeated = np.flatnonzero(prefix[1:] == prefix[:-1])
+    del perm, prefix
+    run_starts = repeated[np.r_[True, np.diff(repeated) > 1]] if repeated.size else repeated
+    run_stops = np.r_[repeated[np.r_[np.diff(repeated) > 1, True]] + 2] if repeated.size else repeated
+    for start, stop in zip(run_starts.tolist(), run_stops.tolist()):
+        groups: dict[bytes, list[int]] = {}
+        for i in order[start:stop].tolist():
+            groups.setdefault(digest_rows[i].tobytes(), []).append(i)
+        for group in groups.values():
+            if len(group) > 1:
+                _drop_copies(group, paths, lab, classes, keep, skipped, reports)
+    return [np.flatnonzero(keep & (lab == c)) for c in range(len(classes))]
+
+
+def _drop_copies(group, paths, lab, classes, keep, skipped, reports) -> None:
+    """Identical files: in one class keep the first; in several classes drop them all."""
+    if len({int(lab[i]) for i in group}) > 1:
+        names = [f"{paths[i]} ({classes[lab[i]]})" for i in group]
+        for i in group:
+            keep[i] = False
+            others = [name for j, name in zip(group, names) if j != i]
+            skipped.append(_Skip(paths[i], classes[lab[i]], IN_BOTH_CLASSES,
+                                 "same content as " + ", ".join(others)))
+            reports[classes[lab[i]]].in_both_classes += 1
+    else:
+        for i in group[1:]:
+            keep[i] = False
+            skipped.append(_Skip(paths[i], classes[lab[i]], DUPLICATE,
+                                 f"same content as {paths[group[0]]} (kept)"))
+            reports[classes[lab[i]]].duplicates += 1
+
+
+def _ordered(members: np.ndarray, digest_rows: np.ndarray, seed: int) -> np.ndarray:
+    """``members`` in the seeded random order: by sha256(domain, seed, content hash)."""
+    prefix = _ORDER_DOMAIN + str(int(seed)).encode("ascii") + b"\0"  # any size of seed
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.sha256(prefix + digest_rows[i].tobytes()).digest()[:8], "big")
+         for i in members), dtype=np.uint64, count=members.size)
+    # 64-bit keys: a tie is astronomically unlikely; the member index (path order) breaks it.
+    return members[np.lexsort((members, keys))]
+
+
+def _draw(order, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet) -> dict:
+    """Walk ``order``, taking decodable images: the test set first (unless it is 'all')."""
+    position = 0
+
+    def take(count, bar) -> list[int]:
+        nonlocal position
+        want = order.size - position if count == ALL else count
+        taken: list[int] = []
+        while len(taken) < want and position < order.size:
+            # Verify exactly the shortfall (in parallel): results do not depend on threads.
+            batch = order[position: position + min(want - len(taken), 512)].tolist()
+            position += len(batch)
+            outcomes = _ordered_map(lambda i: _verify(root / paths[i]), batch, workers)
+            for i, problem in zip(batch, outcomes):
+                report.verified += 1
+                if problem is None:
+                    taken.append(i)
+                    bar.update()
+                else:
+                    report.undecodable += 1
+                    skipped.append(_Skip(paths[i], cls, UNDECODABLE, problem))
+        return taken
+
+    total = order.size if ALL in (test_n, sample_n) else min(order.size, test_n + sample_n)
+    with Progress(total, f"verifying {cls}", enabled=not quiet) as bar:
+        if test_n == ALL:
+            sample = take(sample_n, bar)
+            return {"sample": sample, "test": take(ALL, bar)}
+        test = take(test_n, bar)
+        return {"test": test, "sample": take(sample_n, bar)}
+
+
+def _verify(path: Path) -> str | None:
+    """None if the project's loader decodes ``path``; else why not (without the path)."""
+    try:
+        images.verify_image(path)
+        return None
+    except ImageError as exc:
+        text = str(exc)
+        prefix = f"{path}: "
+        return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _too_few(folder: Path, cls: str, report: _ClassReport, usable: int, test_n, sample_n) -> DataError:
+    needed = " + ".join(f"{n} {what}" for n, what in ((test_n, "test"), (sample_n, "sample"))
+                        if n != ALL)
+    total = sum(n for n in (test_n, sample_n) if n != ALL)
+    dropped = []
+    for count, what in ((report.duplicates, "duplicates"), (report.in_both_classes, "in both classes"),
+                        (report.unreadable, "empty/unreadable"), (report.undecodable, "undecodable")):
+        if count:
+            dropped.append(f"{count} {what}")
+    found = f"{report.image_files} image files" + (f" ({', '.join(dropped)})" if dropped else "")
+    return DataError(
+        f"{folder}: too few usable images for class '{cls}': found {usable}, need {total} "
+        f"({needed}); {found}; lower data.test_per_class / data.sample_per_class or set "
+        f"data.allow_fewer=true")
+
+
+def _manifest_text(rows: list[tuple[str, str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(MANIFEST_HEADER)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet) -> dict:
+    wd = WorkDir(cfg.work_dir)
+    manifests = {}
+    for split in SPLITS:
+        # Sorted by class (label order), then path: stable and easy to diff.
+        ordered = sorted(rows[split], key=lambda r: (classes.index(r[1]), r[0]))
+        text = _manifest_text(ordered)
+        with atomic_open(wd.manifest(split), "w") as f:
+            f.write(text)
+        manifests[split] = {"file": wd.manifest(split).name, "rows": len(ordered),
+                            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    skipped_sorted = sorted(skipped, key=lambda s: (s.path, s.reason, s.detail))
+    data = cfg.data
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "config": {
+            "data": {
+                "root": str(data.root),
+                "class_dirs": dict(data.class_dirs),
+                "sample_per_class": data.sample_per_class,
+                "val_fraction": data.val_fraction,
+                "test_per_class": data.test_per_class,
+                "allow_fewer": data.allow_fewer,
+            },
+            "seed": cfg.seed,
+        },
+        "classes": list(classes),
+        "counts": {split: {cls: reports[cls].counts[split] for cls in classes} | {
+            "total": sum(reports[cls].counts[split] for cls in classes)} for split in SPLITS},
+        "pool": {cls: reports[cls].to_dict() for cls in classes},
+        "skipped_counts": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "skipped": [s.to_dict() for s in skipped_sorted],
+        "warnings": warnings,
+        "manifests": manifests,
+    }
+    # summary.json last: when it is there and matches, the manifests beside it are complete.
+    write_json(wd.split_summary, summary)
+    if not quiet:
+        _print_report(wd, cfg.seed, classes, summary)
+    return summary
+
+
+def _print_report(wd: WorkDir, seed: int, classes, summary: dict) -> None:
+    width = max(8, *(len(c) for c in classes))
+    print(f"splits written to {wd.splits} (seed {seed}):")
+    print("        " + "".join(f"{c:>{width + 2}}" for c in classes) + f"{'total':>{width + 2}}")
+    for split in SPLITS:
+        counts = summary["counts"][split]
+        print(f"  {split:<6}" + "".join(f"{counts[c]:>{width + 2}}" for c in classes)
+              + f"{counts['total']:>{width + 2}}")
+    skipped = summary["skipped_counts"]
+    if skipped:
+        parts = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+        print(f"not used: {sum(skipped.values())} files ({parts}); see {wd.split_summary}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)

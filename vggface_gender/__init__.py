@@ -20,8 +20,8 @@ wrappers; the logic lives here, one module per concern:
 - ``synthetic``  generated MatConvNet files and images (tests, demo, benchmarks)
 
 Importing this package is cheap: TensorFlow is only imported by the modules that need it.
-Import it before ``keras.saving.load_model`` on a saved model that uses one of the
-package's registered layers (see README).
+A saved model that uses one of the package's registered layers (padded pooling, LRN: not
+VGG-Face) needs ``import vggface_gender.layers`` before ``keras.saving.load_model``.
 """
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ benchmarks and the demo build their own, deterministically from a seed:
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,8 @@ def make_layer_structs(specs: list[dict], rng: np.random.Generator, momentum: bo
 
     ``fc8_scale`` shrinks the last layer's weights so the softmax is not saturated.
     Fields follow the Oxford file: conv layers carry ``learningRate``, ``weightDecay`` and (with
-    ``momentum``) a momentum cell shaped like the weights, as the real ~1 GB file does.
+    ``momentum``) a momentum cell shaped like the weights, as the real ~1 GB file does; it holds
+    small non-zero values (a trained net's last update), so a compressed file stays realistic.
     """
     layers = []
     for spec in specs:
@@ -100,7 +102,12 @@ def make_layer_structs(specs: list[dict], rng: np.random.Generator, momentum: bo
             layer["learningRate"] = _row([1, 2])
             layer["weightDecay"] = _row([1, 0])
             if momentum:
-                layer["momentum"] = _cell([np.zeros_like(weights), np.zeros_like(bias)])
+                # A separate stream (seeded by the layer's name), so that the weights are the same
+                # with or without ``momentum``.
+                mom = np.random.default_rng(zlib.crc32(spec["name"].encode()))
+                layer["momentum"] = _cell([
+                    mom.standard_normal(weights.shape, dtype=np.float32) * np.float32(1e-4 * std),
+                    mom.standard_normal(bias.shape, dtype=np.float32) * np.float32(1e-4)])
         elif kind == "pool":
             layer["method"] = spec["method"]
             layer["pool"] = _row(spec["pool"])
@@ -122,15 +129,14 @@ def class_names(n_classes: int) -> list[str]:
 def write_vggface_mat(path: str | os.PathLike, *, width: float = 1.0, n_classes: int = 2622,
                       input_size: int = 224, seed: int = 0, layout: str = "oxford",
                       momentum: bool = False, compress: bool = False,
-                      fc8_scale: float = 0.1) -> Path:
+                      fc8_scale: float = 0.1, fmt: str = "v5") -> Path:
     """Write a MatConvNet SimpleNN file with VGG-Face's structure (random weights).
 
     ``layout``: ``"oxford"`` (one variable ``net`` with ``normalization``, ``layers``,
     ``classes``, as ``vgg_face.mat``) or ``"matconvnet"`` (variables ``layers`` and ``meta``, as
-    ``vgg-face.mat``, whose last layer is named ``prob``).
+    ``vgg-face.mat``, whose last layer is named ``prob``). ``fmt``: ``"v5"`` (scipy, as the
+    published files) or ``"v7.3"`` (HDF5, written by ``hdf5storage``: a test-only dependency).
     """
-    from scipy.io import savemat
-
     if layout not in ("oxford", "matconvnet"):
         raise ValueError(f"layout must be 'oxford' or 'matconvnet', got {layout!r}")
     rng = np.random.default_rng(seed)
@@ -148,13 +154,32 @@ def write_vggface_mat(path: str | os.PathLike, *, width: float = 1.0, n_classes:
     for i, name in enumerate(class_names(n_classes)):
         names[i, 0] = name
     classes = {"name": names.copy(), "description": names}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "oxford":
         content = {"net": {"normalization": normalization, "layers": layers, "classes": classes}}
     else:
         content = {"layers": layers, "meta": {"normalization": normalization, "classes": classes}}
-    savemat(path, content, do_compression=compress, oned_as="column")
+    return save_mat(path, content, fmt=fmt, compress=compress)
+
+
+def save_mat(path: str | os.PathLike, content: dict, *, fmt: str = "v5", compress: bool = False) -> Path:
+    """Write MATLAB variables: dicts become structs, object arrays cells, str char arrays.
+
+    ``fmt="v5"`` uses scipy (Level 5, as MATLAB's default ``save``); ``fmt="v7.3"`` uses
+    ``hdf5storage`` (HDF5 in MATLAB's own v7.3 layout; an independent writer, tests only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "v5":
+        from scipy.io import savemat
+
+        savemat(path, content, do_compression=compress, oned_as="column")
+    elif fmt == "v7.3":
+        import hdf5storage
+
+        hdf5storage.savemat(str(path), content, fmt="7.3", matlab_compatible=True,
+                            store_python_metadata=False, truncate_existing=True)
+    else:
+        raise ValueError(f"fmt must be 'v5' or 'v7.3', got {fmt!r}")
     return path
 
 
@@ -178,6 +203,8 @@ def write_image_folders(root: str | os.PathLike, per_class: int, *, classes=("fe
             phase = rng.uniform(0, 2 * np.pi)
             stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx if c == 0 else yy) + phase)
             base = np.array([200, 90, 60] if c == 0 else [60, 110, 200], np.float64)
-            img = base * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+            # Faint stripes: a stronger texture (random phase) spreads each class so far in a
+            # random tiny-width base's feature space that some bases no longer separate them.
+            img = base * (0.85 + 0.15 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{name}_{i:05d}.{fmt}")
     return root

@@ -1,0 +1,280 @@
+"""The conversion stage: MatConvNet ``.mat`` -> ``base.keras`` + ``base.json``.
+
+``convert(mat_path, out_dir)`` is the whole job and works without the CLI (the tests and the demo
+call it on generated files); ``run_stage`` is what ``model_conversion.py`` runs. ``--verify
+IMAGE...`` reloads the saved model the way later stages will and prints each image's top-5
+classes, so a user holding the real ``vgg_face.mat`` can check the conversion on a photo.
+
+base.json (``format`` 1):
+
+- ``classes``: names from ``classes.description`` (or ``classes.name``), else null
+- ``input_size``: [height, width]; ``input_channels``
+- ``average_image``: the per-channel values subtracted inside the model, ``"full"`` for a full
+  mean image, or null (no subtraction)
+- ``interpolation``: from the file's normalization, or null
+- ``layers``: Keras layer names in order (input excluded); ``output_shapes``: their output
+  shapes without the batch axis (fc layers and what follows them are 2-D: ``[units]``)
+- ``renamed``: ``{original: keras name}`` (see ``keras_model.keras_layer_names``)
+- ``dropped``: MatConvNet layers left out (dropout: an identity at inference; a loss layer after
+  a softmax)
+- ``source``: ``{path, size_bytes, sha256}`` of the .mat file; ``mat_format``, ``layout``
+- ``keras_version``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import matconvnet
+from .errors import ImageError, ModelFileError
+from .workdir import WorkDir, atomic_path, write_json
+
+FORMAT = 1
+_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
+MODEL_FILE, INFO_FILE = WorkDir(".").base_model.name, WorkDir(".").base_info.name  # base.keras, base.json
+
+
+class _Checksum(threading.Thread):
+    """SHA-256 of a file, computed in the background while the file is parsed
+    (hashlib releases the GIL, and the second read of the file comes from the page cache)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.digest: str | None = None
+        self.size = 0
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._stop_requested = threading.Event()
+
+    def run(self):
+        start = time.perf_counter()
+        try:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # Hash through read-only memory maps, a window at a time: no copy of the file's
+                # pages out of the page cache, and at most one window resident at once.
+                for offset in range(0, size, _WINDOW):
+                    if self._stop_requested.is_set():
+                        return
+                    length = min(_WINDOW, size - offset)
+                    with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as window:
+                        h.update(window)
+                    self.size += length
+            self.digest = h.hexdigest()
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - start
+
+    def cancel(self):
+        self._stop_requested.set()
+
+    def result(self) -> tuple[str, int]:
+        self.join()
+        if self.error is not None or self.digest is None:
+            raise ModelFileError(f"{self.path}: cannot read for its checksum ({self.error})")
+        return self.digest, self.size
+
+
+def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
+            timings: dict | None = None) -> dict:
+    """Convert ``mat_path`` into ``out_dir/base.keras`` and ``out_dir/base.json``.
+
+    ``input_size`` ([height, width]) is used only when the file names none
+    (``normalization.imageSize``, then ``meta.inputSize``). Returns the base.json content.
+    Both files are written atomically, after everything else succeeded: a bad file raises
+    ``ModelFileError`` (one line naming it) and leaves nothing behind.
+    ``timings``, if given, receives seconds spent per step (load, build, transfer, save,
+    checksum, checksum_wait).
+    """
+    mat_path = Path(mat_path)
+    out_dir = Path(out_dir)
+    timings = {} if timings is None else timings
+    say = _say if verbose else (lambda *a: None)
+
+    if not mat_path.is_file():
+        raise ModelFileError(f"{mat_path}: model file not found (set model.mat_path)"
+                             if not mat_path.exists() else f"{mat_path}: not a file")
+    checksum = _Checksum(mat_path)
+    checksum.start()
+    try:
+        start = time.perf_counter()
+        say(f"reading {mat_path} ({_size_text(mat_path.stat().st_size)})")
+        net = matconvnet.read_net(mat_path)
+        timings["load"] = time.perf_counter() - start
+        size = _input_size(net, input_size)
+
+        from . import keras_model  # TensorFlow: imported only once the file is known to be good
+        import keras
+
+        start = time.perf_counter()
+        transfer_before = keras_model.TRANSFER_SECONDS[0]
+        progress = None
+        if verbose:
+            from .progress import Progress
+
+            bar = Progress(len(net.layers), desc="building layers")
+            progress = bar.update
+        model, built = keras_model.build_model(net, size, progress=progress)
+        if verbose:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        timings["transfer"] = keras_model.TRANSFER_SECONDS[0] - transfer_before
+        timings["build"] = elapsed - timings["transfer"]
+
+        start = time.perf_counter()
+        digest, size_bytes = checksum.result()
+        timings["checksum_wait"] = time.perf_counter() - start
+        timings["checksum"] = checksum.seconds
+    except BaseException:
+        checksum.cancel()
+        raise
+
+    info = {
+        "format": FORMAT,
+        "classes": net.classes,
+        "input_size": list(size),
+        "input_channels": net.input_channels,
+        "average_image": built["average_image"],
+        "interpolation": net.interpolation,
+        "layers": built["layers"],
+        "output_shapes": built["output_shapes"],
+        "renamed": built["renamed"],
+        "dropped": list(net.dropped),
+        "source": {"path": str(mat_path.resolve()), "size_bytes": size_bytes, "sha256": digest},
+        "mat_format": net.mat_format,
+        "layout": net.layout,
+        "keras_version": keras.__version__,
+    }
+    del net
+    start = time.perf_counter()
+    model_path, info_path = out_dir / MODEL_FILE, out_dir / INFO_FILE
+    say(f"saving {model_path}")
+    with atomic_path(model_path) as tmp_model:
+        with _weights_in_memory(model):
+            model.save(tmp_model)
+        write_json(info_path, info)
+    timings["save"] = time.perf_counter() - start
+    return info
+
+
+@contextlib.contextmanager
+def _weights_in_memory(model):
+    """Let Keras assemble the weights' .h5 in memory when memory allows.
+
+    Without psutil, Keras assumes 1 GB of RAM and, for VGG-Face's 580 MB of weights, writes them
+    to a temporary .h5 beside the target and then copies it into the zip: the whole payload is
+    written to disk twice (~2 s on a slow disk). We read MemAvailable ourselves and let Keras take
+    its in-memory route (which it takes anyway when psutil is installed) only when twice the
+    weights fit comfortably. Falls back to Keras' own choice if its internals differ.
+    """
+    try:
+        from keras.src.saving import saving_lib
+    except ImportError:  # pragma: no cover - a Keras layout we do not know
+        yield
+        return
+    original = getattr(saving_lib, "is_memory_sufficient", None)
+    available = _memory_available()
+    if original is None or available is None:
+        yield
+        return
+    needed = 2 * sum(int(np.prod(v.shape)) * 4 for v in model.weights)
+    saving_lib.is_memory_sufficient = lambda _model: needed < 0.5 * available
+    try:
+        yield
+    finally:
+        saving_lib.is_memory_sufficient = original
+
+
+def _memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _input_size(net, fallback) -> tuple[int, int]:
+    if net.image_size is not None:
+        return net.image_size
+    if fallback is not None:
+        fallback = list(fallback)
+        if len(fallback) != 2 or min(int(v) for v in fallback) < 1:
+            raise ModelFileError(f"model.input_size: expected [height, width], got {fallback}")
+        return int(fallback[0]), int(fallback[1])
+    raise ModelFileError(f"{net.path}: the file names no input size (normalization.imageSize or "
+                         f"meta.inputSize): set model.input_size to [height, width]")
+
+
+def _size_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# =========================================================================== the stage
+def run_stage(cfg, args) -> int:
+    """``model_conversion.py``: convert ``model.mat_path``; with ``--verify``, show top-5 classes."""
+    images = [Path(p) for p in (getattr(args, "verify", None) or [])]
+    for image in images:  # validate before the long conversion
+        if not image.is_file():
+            raise ImageError(f"{image}: image file not found")
+    work = WorkDir(cfg.work_dir)
+    info = convert(cfg.model.mat_path, work.model_dir, cfg.model.input_size, verbose=True)
+    n_classes = len(info["classes"]) if info["classes"] else 0
+    print(f"wrote {work.base_model} and {work.base_info.name}: {len(info['layers'])} layers, "
+          f"input {info['input_size'][0]}x{info['input_size'][1]}, "
+          f"{n_classes or 'no'} class names, dropped {', '.join(info['dropped']) or 'nothing'}")
+    if images:
+        verify(cfg, work.base_model, info, images)
+    return 0
+
+
+def verify(cfg, model_path, info: dict, images, top: int = 5, stream=None) -> list[list[tuple[str, float]]]:
+    """Print (and return) the ``top`` classes of each image under the saved model."""
+    import numpy as np
+
+    from . import layers  # noqa: F401  (custom layers, if the network uses any)
+    from .images import load_image, resolve_policy
+    import keras
+
+    stream = stream or sys.stdout
+    model = keras.saving.load_model(model_path)
+    policy = resolve_policy(cfg, info)
+    classes = info.get("classes")
+    last = model.layers[-1]
+    probabilities = isinstance(last, keras.layers.Softmax)
+    results = []
+    for path in images:
+        image = load_image(path, policy).astype(np.float32)
+        scores = np.asarray(model(image[None], training=False)).reshape(-1)
+        order = np.argsort(-scores, kind="stable")[:top]
+        label = (lambda i: classes[i]) if classes and len(classes) == scores.size else (lambda i: f"class {i}")
+        ranked = [(label(int(i)), float(scores[i])) for i in order]
+        results.append(ranked)
+        print(f"{path}:", file=stream)
+        for rank, (name, score) in enumerate(ranked, start=1):
+            value = f"{score:.4f}" if probabilities else f"{score:.4g} (score)"
+            print(f"  {rank}. {name:<32} {value}", file=stream)
+    return results

@@ -1,6 +1,12 @@
 """Evaluate the classifier on the held-out test set, or classify new images.
 
-Writes work_dir/reports/metrics.json, predictions.csv and plots; --images PATH... classifies files.
+Without --images: predicts work_dir/splits/test.csv and writes work_dir/reports/metrics.json,
+predictions.csv, roc_curve.png, confusion_matrix.png and errors.png (and groups.png when
+evaluate.groups is set), and prints the report.
+
+With --images PATH...: classifies image files and folders (recursively) into a CSV
+(path, predicted, prob_<class>..., error) on stdout or --out FILE; a file that cannot be read
+gets a row with its error and the others go on.
 """
 
 import sys
@@ -13,11 +19,15 @@ from vggface_gender import cli  # noqa: E402
 
 def main(argv=None) -> int:
     parser = cli.make_parser("predict.py", __doc__)
+    parser.add_argument("--images", nargs="+", metavar="PATH", default=None,
+                        help="classify these image files and folders (recursively) instead of evaluating")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="with --images: write the CSV here instead of to stdout")
 
     def body(args):
         cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
         from vggface_gender import evaluation
-        evaluation.run_stage(cfg, args)
+        return evaluation.run_stage(cfg, args)
 
     return cli.run(parser, body, argv)
 

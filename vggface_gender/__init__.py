@@ -13,11 +13,15 @@ wrappers; the logic lives here, one module per concern:
 - ``matconvnet`` reading MatConvNet SimpleNN ``.mat`` files (v5 and v7.3)
 - ``layers``     the few Keras layer classes with no built-in equivalent
 - ``keras_model`` building the Keras network from a parsed MatConvNet net
+- ``conversion`` the conversion stage (``--verify`` too)
 - ``features``   the cached frozen-base features
 - ``training``   the classifier head and its training
-- ``metrics``    evaluation metrics
+- ``tf_images``  ``tf.data`` pipelines over the image loader
+- ``metrics``    evaluation metrics (scikit-learn)
+- ``evaluation`` the predict stage: test-set report and ``--images`` classification
 - ``reports``    plots and console tables
 - ``synthetic``  generated MatConvNet files and images (tests, demo, benchmarks)
+- ``demo``       the demo: all four stages on generated inputs
 
 Importing this package is cheap: TensorFlow is only imported by the modules that need it.
 A saved model that uses one of the package's registered layers (padded pooling, LRN: not

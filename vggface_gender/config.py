@@ -12,6 +12,7 @@ the current directory. ``None`` (YAML ``null``) stays ``None``.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ def _schema() -> dict:
                 help="class name -> folder name under data.root; order gives the label order",
             ),
             "sample_per_class": Field("count", 1000, help="training sample per class (split into train/val)"),
-            "val_fraction": Field("float", 0.2, minimum=0.0, maximum=1.0, exclusive_max=True),
+            "val_fraction": Field("float", 0.2, minimum=0.0, maximum=1.0, exclusive_max=True,
+                                  help="validation share of each class's sample (stratified)"),
             "test_per_class": Field("count", 250, help="held-out test images per class"),
             "allow_fewer": Field("bool", False, help="accept fewer images than requested instead of failing"),
         },
@@ -77,22 +79,25 @@ def _schema() -> dict:
         },
         "train": {
             "hidden_units": Field("int_list", [512], help="sizes of the head's hidden dense layers"),
-            "dropout": Field("float", 0.5, minimum=0.0, maximum=1.0, exclusive_max=True),
-            "learning_rate": Field("float", 0.001, minimum=0.0),
-            "batch_size": Field("int", 32, minimum=1),
-            "max_epochs": Field("int", 50, minimum=1),
-            "patience": Field("int", 3, minimum=0),
+            "dropout": Field("float", 0.5, minimum=0.0, maximum=1.0, exclusive_max=True,
+                             help="dropout after each hidden layer of the head"),
+            "learning_rate": Field("float", 0.001, minimum=0.0, help="Adam's learning rate"),
+            "batch_size": Field("int", 32, minimum=1, help="global batch size"),
+            "max_epochs": Field("int", 50, minimum=1, help="upper bound; early stopping usually ends sooner"),
+            "patience": Field("int", 3, minimum=0, help="epochs without val_loss improvement before stopping"),
             "trainable_from": Field("str", None, optional=True,
                                     help="unfreeze the base from this layer on (null: frozen)"),
             "cache": Field("bool", True, help="cache the frozen base's features on disk"),
-            "strategy": Field("choice", "default", choices=("default", "mirrored")),
+            "strategy": Field("choice", "default", choices=("default", "mirrored"),
+                              help="mirrored: tf.distribute.MirroredStrategy over the visible devices"),
         },
         "evaluate": {
             "positive_class": Field("str", "female", help="positive class for ROC AUC"),
             "groups": Field("str", None, optional=True,
-                            help="regex with named groups on file names, or a CSV path -> attributes"),
+                            help="bias report: 'utkface', a regex with named groups on file names, "
+                                 "or a CSV file (path, attributes...)"),
             "bootstrap": Field("int", 1000, minimum=0, help="bootstrap resamples for the AUC interval"),
-            "batch_size": Field("int", 32, minimum=1),
+            "batch_size": Field("int", 32, minimum=1, help="images per prediction batch"),
         },
     }
 
@@ -184,6 +189,9 @@ def _copy(v):
 
 
 # --------------------------------------------------------------------------- validation
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _where(source: Path | str | None) -> str:
     return str(source) if source else "config"
 
@@ -225,7 +233,9 @@ def _coerce(spec: Field, value: Any, key: str, where: str, base_dir: Path) -> An
             raise bad("an integer")
         out = value
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a number")
         out = float(value)
     elif kind == "count":

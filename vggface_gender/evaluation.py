@@ -1,0 +1,459 @@
+"""predict.py's stage: evaluate the classifier on the held-out test set, or classify new images.
+
+``run_stage(cfg, args)``:
+
+- without ``--images``: predicts every image of ``work_dir/splits/test.csv`` and writes
+  ``work_dir/reports/{metrics.json, predictions.csv, roc_curve.png, confusion_matrix.png,
+  errors.png}`` (plus ``groups.png`` when ``evaluate.groups`` is set) and prints the report;
+- with ``--images PATH...``: classifies files and folders (recursively) into a CSV on stdout
+  or ``--out FILE``, streaming batch by batch; a file that cannot be read gets a row with its
+  error and the batch goes on.
+
+Both paths run the same function (``Classifier.predict_batches``) through the project's one
+loader with the resize policy stored beside the model (``classifier.json``), so an image gets
+the same probabilities either way. TensorFlow is imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import metrics
+from .errors import ConfigError, ImageError, ModelFileError, PipelineError
+from .images import IMAGE_EXTENSIONS, ImagePolicy, find_images
+from .progress import Progress
+from .workdir import WorkDir, atomic_open, atomic_path, read_json, require
+
+TRAIN_STAGE = "train.py"
+DATA_STAGE = "data_preprocess.py"
+ERRORS_SHOWN = 18  # images in errors.png (three rows of six)
+
+
+# --------------------------------------------------------------------------- the classifier
+@dataclass
+class Classifier:
+    """The trained model with its class order and the image policy it was trained with."""
+
+    model: object
+    classes: list[str]
+    policy: ImagePolicy
+    path: Path
+    info: dict = field(default_factory=dict)
+
+    def predict_batches(self, paths: Sequence[str | os.PathLike], batch_size: int
+                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Yield ``(probabilities (b, n_classes), errors)`` per batch, in the order of ``paths``.
+
+        Decoding runs in parallel ``tf.data`` threads ahead of the model (``prefetch``). A file
+        that cannot be read has a non-empty error and meaningless probabilities (its image is
+        black); the caller decides whether that stops the run.
+        """
+        from .tf_images import image_dataset
+
+        for images, errors in image_dataset(paths, self.policy, batch_size):
+            probs = np.asarray(self.model.predict_on_batch(images), dtype=np.float64)
+            yield probs, [e.decode("utf-8", "replace") for e in errors.numpy()]
+
+
+def read_classifier_info(work: WorkDir) -> tuple[dict, list[str], ImagePolicy]:
+    """``classifier.json``: its content, the class order and the training image policy."""
+    require(work.classifier, TRAIN_STAGE, "trained classifier")
+    info_path = require(work.classifier_info, TRAIN_STAGE, "classifier description")
+    try:
+        info = read_json(info_path)
+        classes = [str(c) for c in info["classes"]]
+        spec = info["policy"]
+        policy = ImagePolicy((int(spec["size"][0]), int(spec["size"][1])), spec["resize"],
+                             spec["interpolation"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelFileError(f"{info_path}: not a valid classifier description ({type(exc).__name__}: "
+                             f"{exc}); run `python {TRAIN_STAGE}` again") from None
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ModelFileError(f"{info_path}: expected distinct class names, got {classes}")
+    return info, classes, policy
+
+
+def load_classifier(work: WorkDir) -> Classifier:
+    """Load ``model/classifier.keras`` and its ``classifier.json``; one-line errors otherwise."""
+    info, classes, policy = read_classifier_info(work)
+    model_path, info_path = work.classifier, work.classifier_info
+    import keras
+
+    # Registered layer classes must be known before a model using them is deserialised.
+    if importlib.util.find_spec("vggface_gender.layers") is not None:
+        importlib.import_module("vggface_gender.layers")
+    try:
+        model = keras.saving.load_model(model_path)
+    except Exception as exc:  # Keras raises many kinds for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{model_path}: cannot load the classifier ({type(exc).__name__}: "
+                             f"{first[:200]}); run `python {TRAIN_STAGE}` again") from None
+    in_shape, out_shape = tuple(model.input_shape), tuple(model.output_shape)
+    if in_shape[1:] != (*policy.size, 3) or out_shape[-1] != len(classes):
+        raise ModelFileError(
+            f"{model_path}: model takes {in_shape[1:]} and gives {out_shape[-1]} outputs, but "
+            f"{info_path.name} says {(*policy.size, 3)} and classes {classes}; run `python {TRAIN_STAGE}` again")
+    return Classifier(model, classes, policy, Path(model_path), info)
+
+
+def _note_policy(cfg, classifier: Classifier) -> None:
+    """Say so when the config's image settings differ from those the classifier was trained with:
+    the classifier's win (an image must reach the model as it did in training)."""
+    policy = classifier.policy
+    changed = [f"images.{key}={wanted}" for key, wanted, used in (
+        ("resize", cfg.images.resize, policy.resize),
+        ("interpolation", cfg.images.interpolation, policy.interpolation)) if wanted not in (None, used)]
+    if changed:
+        print(f"note: images are resized by '{policy.resize}' with '{policy.interpolation}' interpolation, "
+              f"as the classifier was trained (the config now says {', '.join(changed)})", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the test manifest
+def read_test_manifest(cfg, work: WorkDir, classes: Sequence[str]) -> tuple[Path, list[Path], list[str]]:
+    """``(manifest path, absolute image paths, labels)`` of the test split.
+
+    Labels must be classes of the classifier (which are normally ``cfg.classes``).
+    """
+    from .dataset import read_manifest
+
+    path = require(work.manifest("test"), DATA_STAGE, "test manifest")
+    entries = read_manifest(path, cfg.data.root)
+    if not entries:
+        raise PipelineError(f"{path}: the test manifest lists no images; run `python {DATA_STAGE}` again")
+    labels = [e.label for e in entries]
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise PipelineError(f"{path}: labels {unknown} are not classes of the classifier {list(classes)}; "
+                            f"run `python {DATA_STAGE}` and `python {TRAIN_STAGE}` with the same config")
+    return path, [Path(e.path) for e in entries], labels
+
+
+def _relative(path: Path, root: Path) -> str:
+    """The manifest's spelling of a path: relative to ``data.root``, with ``/``."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------- group rules
+# UTKFace's file names: AGE_GENDER_RACE_DATETIME.jpg.chip.jpg (race 0 White, 1 Black, 2 Asian,
+# 3 Indian, 4 Others). Some files lack the race field: they fall under "(unknown)".
+UTKFACE_PATTERN = re.compile(r"^(?P<age>\d{1,3})_(?P<gender>[01])_(?P<race>[0-4])_")
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
+AGE_BANDS = ((0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, None))
+PRESETS = ("utkface",)
+
+
+def _age_band(age: int) -> str:
+    for lo, hi in AGE_BANDS:
+        if hi is None or age <= hi:
+            return f"{lo}+" if hi is None else f"{lo}-{hi}"
+    raise AssertionError(age)  # pragma: no cover
+
+
+@dataclass
+class GroupRule:
+    """How test images are assigned to groups (``evaluate.groups``)."""
+
+    description: str
+    attributes: list[str]
+    orders: dict[str, list[str]] = field(default_factory=dict)
+    pattern: re.Pattern | None = None
+    table: dict[str, dict[str, str]] | None = None  # normalised absolute path -> attributes
+    preset: str | None = None
+
+    def assign(self, abs_paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
+        """``{attribute: [value per image]}``; ``metrics.UNKNOWN`` where the rule says nothing."""
+        out = {a: [] for a in self.attributes}
+        for path in abs_paths:
+            values = self._values(Path(path))
+            for a in self.attributes:
+                value = values.get(a)
+                out[a].append(metrics.UNKNOWN if value in (None, "") else str(value))
+        return out
+
+    def _values(self, path: Path) -> dict:
+        if self.table is not None:
+            return self.table.get(os.path.normpath(os.path.abspath(path)), {})
+        match = self.pattern.search(path.name)
+        if match is None:
+            return {}
+        if self.preset == "utkface":
+            return {"age_band": _age_band(int(match["age"])), "race": UTKFACE_RACES[int(match["race"])]}
+        return match.groupdict()
+
+
+def group_rule(cfg) -> GroupRule | None:
+    """Parse ``evaluate.groups``: ``utkface``, a CSV file (``*.csv``), or a regular expression.
+
+    - ``utkface``: age band (0-9, 10-19, ..., 70+) and race from UTKFace's file names.
+    - a CSV with a ``path`` column (relative to ``data.root``, or absolute) and one column per
+      attribute; a relative CSV path is looked up beside the config file, then in the current folder.
+    - otherwise a regular expression searched in each file name (not its folders); every named
+      group ``(?P<name>...)`` is an attribute, its matched text the value.
+    """
+    spec = cfg.evaluate.groups
+    if spec is None:
+        return None
+    spec = spec.strip()
+    if spec.lower() == "utkface":
+        race_order = list(UTKFACE_RACES)
+        age_order = [f"{lo}+" if hi is None else f"{lo}-{hi}" for lo, hi in AGE_BANDS]
+        return GroupRule("UTKFace file names: age band and race", ["age_band", "race"],
+                         {"age_band": age_order, "race": race_order}, pattern=UTKFACE_PATTERN,
+                         preset="utkface")
+    if spec.lower().endswith(".csv"):
+        return _csv_rule(cfg, spec)
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise ConfigError(f"evaluate.groups: {spec!r} is not a valid regular expression ({exc}) "
+                          f"and names no preset ({', '.join(PRESETS)}) or .csv file") from None
+    if not pattern.groupindex:
+        raise ConfigError(f"evaluate.groups: the regular expression {spec!r} has no named groups; "
+                          "name each attribute, e.g. (?P<race>\\d)")
+    return GroupRule(f"regex {spec}", list(pattern.groupindex), pattern=pattern)
+
+
+def _csv_rule(cfg, spec: str) -> GroupRule:
+    candidates = [Path(spec)] if os.path.isabs(spec) else (
+        ([Path(cfg.source).parent / spec] if getattr(cfg, "source", None) else []) + [Path.cwd() / spec])
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"evaluate.groups: CSV file {spec} not found "
+                          f"(looked in {', '.join(str(p.parent) for p in candidates)})")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            if "path" not in columns or len(columns) < 2:
+                raise ConfigError(f"{path}: expected a header with a 'path' column and at least one "
+                                  f"attribute column, got {columns}")
+            attributes = [c for c in columns if c != "path"]
+            table = {}
+            root = Path(cfg.data.root)
+            for row in reader:
+                image = Path(row["path"] or "")
+                key = os.path.normpath(os.path.abspath(image if image.is_absolute() else root / image))
+                table[key] = {a: (row.get(a) or "").strip() for a in attributes}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path}: cannot read the groups CSV ({exc})") from None
+    return GroupRule(f"CSV {path.name}", attributes, table=table)
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate(cfg, stream=None) -> dict:
+    """Evaluate on the test manifest; write the reports; print the table; return metrics.json's dict."""
+    stream = stream or sys.stdout
+    work = WorkDir(cfg.work_dir)
+    require(work.manifest("test"), DATA_STAGE, "test manifest")
+    # Everything that can be checked cheaply is checked before the slow model load.
+    _, classes, _ = read_classifier_info(work)
+    positive = cfg.evaluate.positive_class
+    if positive not in classes:
+        raise ConfigError(f"evaluate.positive_class: {positive!r} is not a class of the classifier {classes}")
+    manifest, abs_paths, labels = read_test_manifest(cfg, work, classes)
+    rule = group_rule(cfg)
+    root = Path(cfg.data.root)
+    rel_paths = [_relative(p, root) for p in abs_paths]
+
+    classifier = load_classifier(work)
+    _note_policy(cfg, classifier)
+
+    y_true = np.array([classes.index(label) for label in labels], dtype=np.int64)
+    probs = np.empty((len(abs_paths), len(classes)), dtype=np.float64)
+    done = 0
+    with Progress(len(abs_paths), "evaluating") as bar:
+        for batch, errors in classifier.predict_batches(abs_paths, cfg.evaluate.batch_size):
+            for error in errors:
+                if error:  # every test image must count: a bad one stops the run, naming it
+                    raise ImageError(f"{error} (listed in {manifest})")
+            probs[done:done + len(batch)] = batch
+            done += len(batch)
+            bar.update(len(batch))
+    if not np.all(np.isfinite(probs)):
+        raise ModelFileError(f"{classifier.path}: the classifier produced NaN or infinite probabilities")
+
+    report = metrics.classification_report(y_true, probs, classes, positive,
+                                           n_bootstrap=cfg.evaluate.bootstrap, seed=cfg.seed)
+    report["decision"] = "most probable class"
+    report["manifest"] = str(manifest)
+    report["model"] = str(classifier.path)
+    report["policy"] = classifier.policy.to_dict()
+    y_pred = probs.argmax(axis=1)
+    if rule is not None:
+        assigned = rule.assign(abs_paths)
+        report["groups"] = {
+            "rule": rule.description,
+            "attributes": {a: metrics.group_breakdown(y_true, y_pred, assigned[a], classes,
+                                                      rule.orders.get(a))
+                           for a in rule.attributes},
+        }
+    _write_reports(work, report, rel_paths, abs_paths, y_true, y_pred, probs, classifier)
+    print(reports_text(report, work), file=stream)
+    return report
+
+
+def _write_reports(work: WorkDir, report: dict, rel_paths, abs_paths, y_true, y_pred, probs,
+                   classifier: Classifier) -> None:
+    """Write every report file to a temporary name, then rename them all: a failure (or Ctrl-C)
+    leaves the previous run's report whole rather than half replaced."""
+    from . import reports
+
+    classes = classifier.classes
+    out = work.reports
+    names = ["predictions.csv", "roc_curve.png", "confusion_matrix.png", "errors.png", "metrics.json"]
+    if report.get("groups"):
+        names.append("groups.png")
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(out / name)) for name in names}
+        with open(tmp["predictions.csv"], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", "label", "predicted", *(f"prob_{c}" for c in classes)])
+            for rel, t, p, row in zip(rel_paths, y_true, y_pred, probs):
+                writer.writerow([rel, classes[t], classes[p], *(_prob(v) for v in row)])
+
+        positive = classes.index(report["positive_class"])
+        reports.plot_roc_curve(y_true == positive, probs[:, positive], report, tmp["roc_curve.png"])
+        reports.plot_confusion_matrix(report["confusion_matrix"], tmp["confusion_matrix.png"])
+        wrong = np.flatnonzero(y_true != y_pred)
+        # most confident first; ties keep manifest order (stable sort)
+        wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:ERRORS_SHOWN]
+        shown = [{"path": abs_paths[i], "label": classes[y_true[i]], "predicted": classes[y_pred[i]],
+                  "probs": probs[i].tolist()} for i in wrong]
+        reports.plot_errors(shown, classes, tmp["errors.png"], classifier.policy)
+        if report.get("groups"):
+            reports.plot_groups(report["groups"], classes, tmp["groups.png"])
+        with open(tmp["metrics.json"], "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        for path in tmp.values():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    if not report.get("groups") and (out / "groups.png").exists():
+        (out / "groups.png").unlink()  # a stale plot from an earlier run with groups would mislead
+
+
+def reports_text(report: dict, work: WorkDir) -> str:
+    from . import reports
+
+    names = ["metrics.json", "predictions.csv", "roc_curve.png", "confusion_matrix.png", "errors.png"]
+    if report.get("groups"):
+        names.append("groups.png")
+    return reports.format_report(report) + f"\n\nWrote {', '.join(names)} to {work.reports}"
+
+
+def _prob(value: float) -> str:
+    # 9 significant digits round-trip a float32 exactly
+    return f"{value:.9g}"
+
+
+# --------------------------------------------------------------------------- --images
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Files to classify, and the folders in which no image file was found.
+
+    A folder contributes its image files (by extension, recursively, hidden ones skipped,
+    sorted); a file named explicitly is always tried, whatever its name, so that a mistake
+    shows up as a row with its error rather than silently disappearing.
+    """
+    files, empty = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = find_images(path)
+            files.extend(found)
+            if not found:
+                empty.append(path)
+        else:
+            files.append(path)
+    return files, empty
+
+
+def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+             stdout=None, stderr=None, classifier: Classifier | None = None) -> dict:
+    """Classify files and folders into a CSV (``out``, else stdout), streaming batch by batch.
+
+    Columns: ``path, predicted, prob_<class>..., error``. Returns ``{"n", "failed", "out"}``.
+    ``classifier``: an already loaded ``load_classifier(...)`` (a notebook classifying several
+    folders loads the model once); by default the config's ``work_dir/model/classifier.keras``.
+    """
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    if classifier is None:
+        work = WorkDir(cfg.work_dir)
+        require(work.classifier, TRAIN_STAGE, "trained classifier")
+        require(work.classifier_info, TRAIN_STAGE, "classifier description")
+    files, empty = expand_inputs(inputs)
+    if not files:
+        raise PipelineError(f"no image files to classify in {', '.join(str(i) for i in inputs)} "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    for folder in empty:
+        print(f"note: {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=stderr)
+    if classifier is None:
+        classifier = load_classifier(work)
+        _note_policy(cfg, classifier)
+    classes = classifier.classes
+
+    failed = 0
+    sink = atomic_open(out) if out is not None else contextlib.nullcontext(stdout)
+    # CSV rows on a terminal already show the progress; a bar drawn between them would garble both
+    show_bar = not (out is None and _isatty(stdout) and _isatty(stderr))
+    with sink as f, Progress(len(files), "classifying", stream=stderr, enabled=show_bar) as bar:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "predicted", *(f"prob_{c}" for c in classes), "error"])
+        start = 0
+        for probs, errors in classifier.predict_batches(files, cfg.evaluate.batch_size):
+            for path, row, error in zip(files[start:start + len(probs)], probs, errors):
+                if error:
+                    failed += 1
+                    writer.writerow([str(path), "", *([""] * len(classes)), error])
+                else:
+                    writer.writerow([str(path), classes[int(row.argmax())], *(_prob(v) for v in row), ""])
+            start += len(probs)
+            if out is None:
+                f.flush()  # stream: a reader of the pipe sees each batch as it is done
+            bar.update(len(probs))
+    summary = f"classified {len(files) - failed} of {len(files)} files"
+    if failed:
+        summary += f"; {failed} could not be read (see the error column)"
+    print(summary + (f" -> {out}" if out is not None else ""), file=stderr)
+    return {"n": len(files), "failed": failed, "out": None if out is None else str(out)}
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- the stage
+def run_stage(cfg, args) -> int:
+    """Entry point of ``predict.py``: evaluate, or classify ``args.images`` into ``args.out``."""
+    images = getattr(args, "images", None)
+    out = getattr(args, "out", None)
+    if out is not None and not images:
+        raise PipelineError("--out is only used with --images (the evaluation writes to work_dir/reports)")
+    if images:
+        try:
+            classify(cfg, images, out)
+        except BrokenPipeError:  # e.g. `predict.py --images x | head`: the reader has all it wants
+            # Point stdout at /dev/null so that Python's final flush does not fail again.
+            with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    evaluate(cfg)
+    return 0

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
 
     def body(args):
         cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
+        cli.import_tensorflow_quietly()
         from vggface_gender import conversion
         return conversion.run_stage(cfg, args)
 

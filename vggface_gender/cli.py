@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +59,6 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # --help, or argparse's own usage error (already printed)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    quiet_tensorflow()
     try:
         code = body(args)
         return int(code or 0)
@@ -74,6 +75,39 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter; call before importing TensorFlow."""
+# TensorFlow's C++ start-up log lines (glog format, written before absl is initialised, so
+# TF_CPP_MIN_LOG_LEVEL does not reach them) and the CUDA probe's complaint on CPU-only machines.
+_TF_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} \d\d:\d\d:\d\d|"
+    r"E\d{4} .*(cuInit|cuda|CUDA)|To enable the following instructions:)")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe its devices with its start-up chatter filtered out.
+
+    The C++ runtime writes straight to file descriptor 2, so it is captured there for the
+    import; every line that is not known noise is written back, so real problems still show.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):  # no real fd 2 (some notebook front-ends)
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+            tf.config.list_physical_devices()  # the CUDA probe logs now, not mid-run
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", "replace").splitlines()
+                    if line.strip() and not _TF_NOISE.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)

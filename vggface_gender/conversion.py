@@ -44,8 +44,8 @@ MODEL_FILE, INFO_FILE = WorkDir(".").base_model.name, WorkDir(".").base_info.nam
 
 
 class _Checksum(threading.Thread):
-    """SHA-256 of a file, computed in the background while the file is parsed
-    (hashlib releases the GIL, and the second read of the file comes from the page cache)."""
+    """SHA-256 of a file, computed in the background while the converted model is saved
+    (hashlib releases the GIL, and this second read of the file comes from the page cache)."""
 
     def __init__(self, path: Path):
         super().__init__(daemon=True)
@@ -106,40 +106,30 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     if not mat_path.is_file():
         raise ModelFileError(f"{mat_path}: model file not found (set model.mat_path)"
                              if not mat_path.exists() else f"{mat_path}: not a file")
-    checksum = _Checksum(mat_path)
-    checksum.start()
-    try:
-        start = time.perf_counter()
-        say(f"reading {mat_path} ({_size_text(mat_path.stat().st_size)})")
-        net = matconvnet.read_net(mat_path)
-        timings["load"] = time.perf_counter() - start
-        size = _input_size(net, input_size)
+    source_stat = mat_path.stat()
+    start = time.perf_counter()
+    say(f"reading {mat_path} ({_size_text(source_stat.st_size)})")
+    net = matconvnet.read_net(mat_path)
+    timings["load"] = time.perf_counter() - start
+    size = _input_size(net, input_size)
 
-        from . import keras_model  # TensorFlow: imported only once the file is known to be good
-        import keras
+    from . import keras_model  # TensorFlow: imported only once the file is known to be good
+    import keras
 
-        start = time.perf_counter()
-        transfer_before = keras_model.TRANSFER_SECONDS[0]
-        progress = None
-        if verbose:
-            from .progress import Progress
+    start = time.perf_counter()
+    transfer_before = keras_model.TRANSFER_SECONDS[0]
+    progress = None
+    if verbose:
+        from .progress import Progress
 
-            bar = Progress(len(net.layers), desc="building layers")
-            progress = bar.update
-        model, built = keras_model.build_model(net, size, progress=progress)
-        if verbose:
-            bar.close()
-        elapsed = time.perf_counter() - start
-        timings["transfer"] = keras_model.TRANSFER_SECONDS[0] - transfer_before
-        timings["build"] = elapsed - timings["transfer"]
-
-        start = time.perf_counter()
-        digest, size_bytes = checksum.result()
-        timings["checksum_wait"] = time.perf_counter() - start
-        timings["checksum"] = checksum.seconds
-    except BaseException:
-        checksum.cancel()
-        raise
+        bar = Progress(len(net.layers), desc="building layers")
+        progress = bar.update
+    model, built = keras_model.build_model(net, size, progress=progress)
+    if verbose:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    timings["transfer"] = keras_model.TRANSFER_SECONDS[0] - transfer_before
+    timings["build"] = elapsed - timings["transfer"]
 
     info = {
         "format": FORMAT,
@@ -152,21 +142,46 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
         "output_shapes": built["output_shapes"],
         "renamed": built["renamed"],
         "dropped": list(net.dropped),
-        "source": {"path": str(mat_path.resolve()), "size_bytes": size_bytes, "sha256": digest},
+        "source": {"path": str(mat_path.resolve()), "size_bytes": None, "sha256": None},  # below
         "mat_format": net.mat_format,
         "layout": net.layout,
         "keras_version": keras.__version__,
     }
     del net
+    # The checksum runs while Keras saves: saving is single-threaded, so the hash gets a core of
+    # its own. (Run beside the parse, it slowed the parse nearly as much as it cost.)
+    checksum = _Checksum(mat_path)
+    checksum.start()
     start = time.perf_counter()
     model_path, info_path = out_dir / MODEL_FILE, out_dir / INFO_FILE
     say(f"saving {model_path}")
-    with atomic_path(model_path) as tmp_model:
-        with _weights_in_memory(model):
-            model.save(tmp_model)
-        write_json(info_path, info)
-    timings["save"] = time.perf_counter() - start
+    try:
+        with atomic_path(model_path) as tmp_model:
+            with _weights_in_memory(model):
+                model.save(tmp_model)
+            saved = time.perf_counter()
+            digest, size_bytes = checksum.result()
+            timings["checksum_wait"] = time.perf_counter() - saved
+            timings["checksum"] = checksum.seconds
+            if _changed(mat_path, source_stat):
+                raise ModelFileError(f"{mat_path}: the file changed while it was being converted; "
+                                     f"convert it again")
+            info["source"].update(size_bytes=size_bytes, sha256=digest)
+            write_json(info_path, info)
+    except BaseException:
+        checksum.cancel()
+        raise
+    timings["save"] = time.perf_counter() - start - timings["checksum_wait"]
     return info
+
+
+def _changed(path: Path, before: os.stat_result) -> bool:
+    """True if ``path`` no longer looks like the file that was read (size, mtime or inode)."""
+    try:
+        after = path.stat()
+    except OSError:
+        return True
+    return (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
 @contextlib.contextmanager

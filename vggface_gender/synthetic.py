@@ -184,11 +184,14 @@ def save_mat(path: str | os.PathLike, content: dict, *, fmt: str = "v5", compres
 
 
 def write_image_folders(root: str | os.PathLike, per_class: int, *, classes=("female", "male"),
-                        size: int = 64, seed: int = 0, fmt: str = "jpg") -> Path:
+                        size: int = 64, seed: int = 0, fmt: str = "jpg", overlap: float = 0.0) -> Path:
     """Write ``per_class`` images per class under ``root/<class>/``.
 
     The classes differ in colour balance and texture so that a frozen random network's features
-    separate them; each image is distinct (content hashes differ).
+    separate them; each image is distinct (content hashes differ). ``overlap`` > 0 makes the task
+    imperfect, like a real one: each image's colour is a blend of the two class colours, drawn
+    around its own class's with this standard deviation (0.3: about 5% of images look like the
+    other class), and the stripes' direction no longer gives the class away.
     """
     from PIL import Image
 
@@ -201,8 +204,14 @@ def write_image_folders(root: str | os.PathLike, per_class: int, *, classes=("fe
         for i in range(per_class):
             freq = 2 + 4 * c + rng.uniform(-0.5, 0.5)
             phase = rng.uniform(0, 2 * np.pi)
-            stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx if c == 0 else yy) + phase)
-            base = np.array([200, 90, 60] if c == 0 else [60, 110, 200], np.float64)
+            vertical = (c == 0) if overlap <= 0 else bool(rng.integers(2))
+            stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx if vertical else yy) + phase)
+            colours = np.array([[200, 90, 60], [60, 110, 200]], np.float64)
+            if overlap > 0:
+                blend = np.clip(c + rng.normal(0.0, overlap), -0.5, 1.5)
+                base = colours[0] + blend * (colours[1] - colours[0])
+            else:
+                base = colours[c]
             # Faint stripes: a stronger texture (random phase) spreads each class so far in a
             # random tiny-width base's feature space that some bases no longer separate them.
             img = base * (0.85 + 0.15 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))

@@ -1,0 +1,404 @@
+"""train.py's stage: train the classifier head on the frozen VGG-Face base.
+
+``run_stage(cfg, args)`` loads ``work_dir/model/base.keras`` and the train/val manifests, cuts
+the base at ``model.embedding_layer`` (and, with ``train.trainable_from``, unfreezes it from
+that layer on), and trains a head of dense layers with Adam, categorical cross-entropy and
+early stopping on the validation loss (best weights restored).
+
+With ``train.cache: true`` (the default) the frozen part runs once per image: its outputs for
+train and validation are stored in ``work_dir/features/`` (see ``features``) and the head
+trains on them. ``train.cache: false`` trains end-to-end through the frozen model, decoding
+every image every epoch: the same arithmetic, much slower.
+
+Both paths read the examples in the same seeded order (a fresh permutation per epoch, drawn
+from ``seed``) and the head's initial weights come from seeded initialisers, so a run is
+reproducible and the two paths end with the same weights up to float rounding.
+
+Writes ``work_dir/model/classifier.keras`` (the base up to the embedding layer plus the head:
+RGB 0-255 images at the base's input size in, softmax probabilities in ``cfg.classes`` order
+out), ``classifier.json``, and ``work_dir/reports/{history.csv, training_curves.png,
+train_summary.json}``, all together at the end: a run that fails writes none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import features
+from .errors import DataError, ModelFileError, PipelineError
+from .features import Split
+from .images import resolve_policy
+from .workdir import WorkDir, atomic_path, read_json, require
+
+DATA_STAGE = "data_preprocess.py"
+CONVERSION_STAGE = "model_conversion.py"
+CLASSIFIER_FORMAT = 1
+
+
+class TrainingDivergedError(PipelineError):
+    """The loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- inputs
+def read_split(cfg, work: WorkDir, name: str) -> Split:
+    """One manifest as absolute paths and label indices (the data stage's reader checks that
+    every label is a configured class)."""
+    from .dataset import read_manifest
+
+    path = require(work.manifest(name), DATA_STAGE, f"{name} manifest")
+    entries = read_manifest(path, cfg.data.root, cfg.classes)
+    if not entries:
+        why = " (early stopping needs validation images: set data.val_fraction > 0)" if name == "val" else ""
+        raise DataError(f"{path}: the {name} manifest lists no images{why}; run `python {DATA_STAGE}` again")
+    index = {c: i for i, c in enumerate(cfg.classes)}
+    labels = np.array([index[e.label] for e in entries], np.int64)
+    return Split(name, path, [Path(e.path) for e in entries], labels, features.sha256_file(path))
+
+
+def read_base_info(work: WorkDir) -> dict:
+    path = require(work.base_info, CONVERSION_STAGE, "base model description")
+    try:
+        info = read_json(path)
+        size = [int(s) for s in info["input_size"][:2]]
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"input_size {info['input_size']!r}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelFileError(f"{path}: not a valid base model description ({type(exc).__name__}: {exc}); "
+                             f"run `python {CONVERSION_STAGE}` again") from None
+    return info
+
+
+def load_base(path: Path, strategy):
+    """``base.keras`` loaded inside the strategy's scope (its variables then live on every replica)."""
+    import keras
+
+    if importlib.util.find_spec("vggface_gender.layers") is not None:
+        importlib.import_module("vggface_gender.layers")  # registered layers, before deserialising
+    require(path, CONVERSION_STAGE, "base model")
+    try:
+        with strategy.scope():
+            return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many kinds for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{path}: cannot load the base model ({type(exc).__name__}: {first[:200]}); "
+                             f"run `python {CONVERSION_STAGE}` again") from None
+
+
+def make_strategy(name: str):
+    """``default``: TensorFlow's default (one device). ``mirrored``: every visible GPU, else
+    every logical CPU device (MirroredStrategy alone would take one CPU)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+# --------------------------------------------------------------------------- the head
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent 31-bit seed for one purpose (an initialiser, a dropout layer, the order)."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def build_head(hidden_units, dropout: float, n_classes: int, seed: int, flatten: bool) -> list:
+    """Dense ReLU layers (each followed by dropout when > 0), then ``Dense(n_classes, softmax)``.
+
+    Every initialiser and dropout layer has its own explicit seed: loading a ``.keras`` file
+    consumes Keras' global random state, so the global seed alone would not pin them down.
+    """
+    import keras
+
+    def glorot(name):
+        return keras.initializers.GlorotUniform(seed=derived_seed(seed, name))
+
+    layers = [keras.layers.Flatten(name="head_flatten")] if flatten else []
+    for i, units in enumerate(hidden_units, start=1):
+        layers.append(keras.layers.Dense(units, activation="relu", name=f"head_dense{i}",
+                                         kernel_initializer=glorot(f"head_dense{i}")))
+        if dropout > 0:
+            layers.append(keras.layers.Dropout(dropout, seed=derived_seed(seed, f"head_dropout{i}"),
+                                               name=f"head_dropout{i}"))
+    layers.append(keras.layers.Dense(n_classes, activation="softmax", name="head_output",
+                                     kernel_initializer=glorot("head_output")))
+    return layers
+
+
+def epoch_orders(n: int, epochs: int, seed: int) -> np.ndarray:
+    """``(epochs, n)``: a seeded permutation of the examples per epoch (same for both paths)."""
+    rng = np.random.default_rng(derived_seed(seed, "epoch_order"))
+    return np.stack([rng.permutation(n) for _ in range(epochs)])
+
+
+# --------------------------------------------------------------------------- datasets
+def feature_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, orders: np.ndarray | None = None):
+    """Batches of cached ``(features, one-hot labels)``: epoch after epoch in ``orders``, or
+    once in manifest order. Rows are gathered on the host from the (memory-mapped) array."""
+    import tensorflow as tf
+
+    def gather(index):
+        return np.ascontiguousarray(x[index], dtype=np.float32), y[index]
+
+    def load(index):
+        xb, yb = tf.numpy_function(gather, [index], (tf.float32, tf.float32), stateful=False)
+        xb.set_shape((None, *x.shape[1:]))
+        yb.set_shape((None, y.shape[1]))
+        return xb, yb
+
+    if orders is None:
+        ds = tf.data.Dataset.from_tensor_slices(np.arange(len(x), dtype=np.int64)).batch(batch_size)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(orders.astype(np.int64)).flat_map(
+            lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(features.pipeline_options())
+
+
+def image_epochs(split: Split, y: np.ndarray, policy, batch_size: int, trap, orders: np.ndarray | None = None):
+    """Batches of ``(images, one-hot labels)`` streamed through the project's loader, epoch
+    after epoch in ``orders`` (or once in manifest order); bad files go to ``trap``."""
+    from .tf_images import image_dataset
+
+    orders = [np.arange(len(split.paths))] if orders is None else orders
+    ds = None
+    for order in orders:
+        part = image_dataset([split.paths[i] for i in order], policy, batch_size, labels=y[order])
+        ds = part if ds is None else ds.concatenate(part)
+    return trap.strip(ds).with_options(features.pipeline_options())
+
+
+# --------------------------------------------------------------------------- the training loop
+def _guard_callback(traps, learning_rate: float):
+    """Stops training with one line: a bad image (from a trap) or a NaN/infinite loss."""
+    import keras
+
+    class Guard(keras.callbacks.Callback):
+        epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def _check(self, logs, key, where):
+            for trap in traps:
+                trap.check()
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(np.asarray(value))):
+                raise TrainingDivergedError(
+                    f"train.learning_rate={learning_rate:g}: the {where} loss became {float(np.asarray(value))} "
+                    f"in epoch {self.epoch + 1}; training diverged (try a smaller learning rate); "
+                    "nothing was written")
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._check(logs, "loss", "training")
+
+        def on_test_batch_end(self, batch, logs=None):
+            self._check(None, "loss", "validation")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._check(logs, "val_loss", "validation")
+
+    return Guard()
+
+
+@dataclass
+class FitResult:
+    history: dict          # metric -> list per epoch
+    epochs_run: int
+    best_epoch: int        # 1-based, by validation loss
+    kept_epoch: int        # 1-based: the epoch whose weights were kept
+    stopped_early: bool
+    seconds: float
+
+
+def fit(model, train_ds, val_ds, steps_per_epoch: int, cfg, early_stopping: bool, strategy,
+        traps=(), verbose: int = 1) -> FitResult:
+    import keras
+
+    with strategy.scope():  # the optimizer's and metrics' variables live on every replica too
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.train.learning_rate),
+                      loss=keras.losses.CategoricalCrossentropy(),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                      # XLA would compile the step once per process: ~1.5 s on a CPU, more than
+                      # it saves on a head of a few dense layers.
+                      jit_compile=False)
+    callbacks = [_guard_callback(traps, cfg.train.learning_rate)]
+    stopper = None
+    if early_stopping:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.patience,
+                                                restore_best_weights=True)
+        callbacks.append(stopper)
+    start = time.perf_counter()
+    keras_history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.max_epochs,
+                              steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
+                              shuffle=False)  # the datasets carry the seeded order
+    seconds = time.perf_counter() - start
+    history = {k: [float(v) for v in values] for k, values in keras_history.history.items()}
+    epochs_run = len(history["loss"])
+    val_loss = history["val_loss"]
+    best_epoch = int(np.argmin(val_loss)) + 1  # argmin takes the first minimum, as EarlyStopping does
+    kept = best_epoch if stopper is not None else epochs_run
+    return FitResult(history, epochs_run, best_epoch, kept,
+                     bool(stopper is not None and stopper.stopped_epoch > 0), seconds)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_stage(cfg, args=None) -> dict:
+    """Train and write the classifier and its reports; return ``train_summary.json``'s dict.
+
+    ``args.no_early_stopping`` (train.py's ``--no-early-stopping``): train exactly
+    ``train.max_epochs`` epochs and keep the last weights.
+    """
+    started = time.perf_counter()
+    early_stopping = not getattr(args, "no_early_stopping", False)
+    work = WorkDir(cfg.work_dir)
+    base_info = read_base_info(work)
+    require(work.base_model, CONVERSION_STAGE, "base model")
+    splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
+    fingerprint = features.image_fingerprint(splits)  # every listed image is still there
+    policy = resolve_policy(cfg, base_info)
+    classes = cfg.classes
+    verbose = 1 if sys.stdout.isatty() else 2
+
+    import keras
+
+    strategy = make_strategy(cfg.train.strategy)
+    if cfg.train.strategy == "mirrored":
+        print(f"MirroredStrategy over {strategy.num_replicas_in_sync} devices "
+              f"({', '.join(strategy.extended.worker_devices)}); global batch {cfg.train.batch_size}")
+    base = load_base(work.base_model, strategy)
+    if tuple(int(d) for d in base.inputs[0].shape[1:3]) != policy.size:
+        raise ModelFileError(f"{work.base_model}: takes {tuple(base.inputs[0].shape[1:3])} images but "
+                             f"{work.base_info.name} says {list(policy.size)}; run `python {CONVERSION_STAGE}` again")
+    cut = features.cut_base(base, cfg.model.embedding_layer, cfg.train.trainable_from)
+    keras.utils.set_random_seed(cfg.seed)  # after loading: loading consumes the global RNG
+
+    train, val = splits
+    n_classes = len(classes)
+    y_train = np.eye(n_classes, dtype=np.float32)[train.labels]
+    y_val = np.eye(n_classes, dtype=np.float32)[val.labels]
+    batch = cfg.train.batch_size
+    orders = epoch_orders(len(train.paths), cfg.train.max_epochs, cfg.seed)
+    steps = math.ceil(len(train.paths) / batch)
+    flatten = len(cut.embedding_shape()) > 1
+    base_sha256 = features.sha256_file(work.base_model)
+    traps = ()
+    cache_info: dict = {"enabled": bool(cfg.train.cache)}
+
+    if cfg.train.cache:
+        key = features.cache_key(base_sha256, cut.feature_layer, policy, splits, fingerprint)
+        with strategy.scope():
+            extractor = features.frozen_model(cut)
+        cached = features.cached_features(work.features, key, extractor, splits, policy, batch,
+                                          strategy, verbose=verbose)
+        print(f"features of {cut.feature_layer!r} {cached.status}: {cached.folder}")
+        cache_info.update(status=cached.status, folder=str(cached.folder),
+                          feature_layer=cut.feature_layer, shape=list(cut.feature_shape()))
+        extract_seconds = cached.seconds
+        train_ds = feature_dataset(cached.arrays["train"], y_train, batch, orders)
+        val_ds = feature_dataset(cached.arrays["val"], y_val, batch)
+        with strategy.scope():
+            head = build_head(cfg.train.hidden_units, cfg.train.dropout, n_classes, cfg.seed, flatten)
+            inputs = keras.Input(cut.feature_shape(), name="features")
+            model = keras.Model(inputs, features.apply_layers(inputs, cut.trainable + head), name="head")
+    else:
+        extract_seconds = 0.0
+        traps = (features.ErrorTrap(f" (listed in {train.manifest})"),
+                 features.ErrorTrap(f" (listed in {val.manifest})"))
+        train_ds = image_epochs(train, y_train, policy, batch, traps[0], orders)
+        val_ds = image_epochs(val, y_val, policy, batch, traps[1])
+        with strategy.scope():
+            head = build_head(cfg.train.hidden_units, cfg.train.dropout, n_classes, cfg.seed, flatten)
+            model = _classifier(cut, head)
+
+    result = fit(model, train_ds, val_ds, steps, cfg, early_stopping, strategy, traps, verbose)
+    classifier = model if not cfg.train.cache else _classifier(cut, head)
+
+    info = {
+        "format": CLASSIFIER_FORMAT,
+        "classes": classes,
+        "input_size": list(policy.size),
+        "policy": policy.to_dict(),
+        "embedding_layer": cut.embedding_layer,
+        "base_sha256": base_sha256,
+        "source_sha256": (base_info.get("source") or {}).get("sha256"),
+        "trainable_from": cut.trainable_from,
+        "head": {"hidden_units": list(cfg.train.hidden_units), "dropout": cfg.train.dropout},
+    }
+    best = result.best_epoch - 1
+    summary = {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.history["val_loss"][best],
+        "best_val_accuracy": result.history["val_accuracy"][best],
+        "weights_from_epoch": result.kept_epoch,
+        "stopped_early": result.stopped_early,
+        "early_stopping": early_stopping,
+        "extract_seconds": round(extract_seconds, 3),
+        "train_seconds": round(result.seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "n_train": len(train.paths),
+        "n_val": len(val.paths),
+        "classes": classes,
+        "embedding_layer": cut.embedding_layer,
+        "trainable_from": cut.trainable_from,
+        "strategy": cfg.train.strategy,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "cache": cache_info,
+        "seed": cfg.seed,
+    }
+    write_outputs(work, classifier, info, result, summary)
+    kept = result.kept_epoch - 1
+    print(f"trained {result.epochs_run} epoch(s)" + (" (stopped early)" if result.stopped_early else "")
+          + f"; kept epoch {result.kept_epoch}: val_loss {result.history['val_loss'][kept]:.4f}, "
+          f"val_accuracy {result.history['val_accuracy'][kept]:.4f}")
+    print(f"wrote {work.classifier} and reports in {work.reports}")
+    return summary
+
+
+def _classifier(cut, head):
+    """Images (RGB 0-255) -> base up to the embedding layer -> head -> probabilities."""
+    import keras
+
+    images = keras.Input(cut.input_shape, name="image")
+    outputs = features.apply_layers(images, cut.frozen + cut.trainable + head)
+    return keras.Model(images, outputs, name="classifier")
+
+
+HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def write_outputs(work: WorkDir, classifier, info: dict, result: FitResult, summary: dict) -> None:
+    """Write every output to a temporary file first and rename them only when all succeeded."""
+    from . import reports
+
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in (
+            ("model", work.classifier), ("info", work.classifier_info),
+            ("history", work.reports / "history.csv"), ("curves", work.reports / "training_curves.png"),
+            ("summary", work.reports / "train_summary.json"))}
+        classifier.save(tmp["model"])
+        tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        with open(tmp["history"], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("epoch", *HISTORY_COLUMNS))
+            for epoch in range(result.epochs_run):
+                writer.writerow((epoch + 1, *(repr(result.history[c][epoch]) for c in HISTORY_COLUMNS)))
+        reports.plot_training_curves(result.history, tmp["curves"], best_epoch=result.kept_epoch)
+        tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        for path in tmp.values():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

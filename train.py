@@ -30,6 +30,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
+    if "IPython" in sys.modules:  # `%run train.py` in a notebook: never end the kernel
+        sys.exit(code)
     # TensorFlow's interpreter teardown takes 1-2 s. Every output is written, fsynced and
     # renamed into place by now (or was never started), so leave without it.
     sys.stdout.flush()

@@ -204,6 +204,8 @@ def main(argv=None) -> int:
         summary = json.loads((Path(load_work(config)) / "reports" / "train_summary.json").read_text())
 
     t, a, b = (statistics.median(times[n]) for n in ("train", "extract", "naive"))
+    if args.quick:  # start-up dominates a tiny model: the targets say nothing here
+        print("# --quick: a smoke test; the targets apply to the full-size run", flush=True)
     print(f"# medians: train.py {t:.1f} s, (a) bare extraction {a:.1f} s, (b) naive fit {b:.1f} s; "
           f"train.py with its cache reused {warm:.1f} s (head training {summary['train_seconds']:.1f} s)", flush=True)
     print(f"BENCH train | train.py whole process s ({n_images} images, {args.epochs} epochs) vs (a) bare "

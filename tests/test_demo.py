@@ -58,7 +58,9 @@ def run_notebook(monkeypatch, config_path: Path) -> dict:
             fake = types.ModuleType("IPython.display")
             fake.Image = lambda filename: filename
             fake.display = shown.append
-            monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+            package = types.ModuleType("IPython")
+            package.version_info = (99, 0)  # matplotlib reads it when IPython is "imported"
+            monkeypatch.setitem(sys.modules, "IPython", package)
             monkeypatch.setitem(sys.modules, "IPython.display", fake)
     namespace = {"__name__": "__main__"}
     for source in notebook_code():

@@ -85,7 +85,7 @@ def test_separable_data_reaches_high_validation_accuracy_and_writes_the_contract
 def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, base_dir):
     # Shuffled labels: nothing to learn, so the head memorises and the validation loss rises.
     project = H.Project(tmp_path, base_dir, shuffle_labels=True, per_class=24, n_val=12)
-    assert project.train("train.max_epochs=40", "train.patience=2", "train.learning_rate=0.01",
+    assert project.train("train.max_epochs=40", "train.patience=2", "train.learning_rate=1e-4",
                          "train.dropout=0.0", "train.hidden_units=[64]") == 0
     summary = project.summary()
     assert summary["stopped_early"] and summary["epochs_run"] < 40
@@ -212,7 +212,7 @@ def test_a_loss_that_becomes_nan_is_one_line_and_keeps_the_previous_outputs(proj
     code = project.train("train.learning_rate=1e30")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ")
-    assert "train.learning_rate" in err[0] and "nan" in err[0]
+    assert "train.learning_rate" in err[0] and "NaN" in err[0]
     after = {p: p.read_bytes() for p in project.outputs() if "features" not in p.parts}
     assert after == before  # nothing half-written: the last complete run's outputs stand
     assert not [p for p in project.outputs() if ".tmp" in str(p)]

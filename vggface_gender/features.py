@@ -201,7 +201,7 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
     import keras
     import tensorflow as tf
 
-    from .tf_images import image_dataset
+    from .tf_images import image_dataset, pipeline_options
 
     n = len(paths)
     if len(out) != n:
@@ -236,22 +236,6 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
         raise RuntimeError(f"extracted {done} of {n} images")
 
 
-def pipeline_options():
-    """``tf.data`` options for every pipeline that training iterates.
-
-    - Autotuning off: with it on, deleting an iterator waits for the autotuner's next wake-up,
-      whose period doubles from 10 ms (a pass that ends at 8 s returns at 10.2 s; Keras deletes
-      an iterator per epoch and per ``predict``). Decoding keeps its parallel threads and one
-      batch of prefetch, which is all the overlap a model-bound pass needs.
-    - Sharding off: under ``MirroredStrategy`` on one machine the replicas split each batch;
-      there are no files to shard by.
-    """
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return options
 
 
 # --------------------------------------------------------------------------- the cache

@@ -30,6 +30,22 @@ def _decode(policy: ImagePolicy):
     return decode
 
 
+def pipeline_options():
+    """``tf.data`` options for every image pipeline (training, extraction, prediction).
+
+    - Autotuning off: with it on, deleting an iterator waits for the autotuner's next wake-up,
+      whose period doubles from 10 ms (a pass that ends at 8 s returns at 10.2 s; Keras deletes
+      an iterator per epoch and per ``predict``). Decoding keeps its parallel threads and one
+      batch of prefetch, which is all the overlap a model-bound pass needs.
+    - Sharding off: under ``MirroredStrategy`` on one machine the replicas split each batch;
+      there are no files to shard by.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return options
+
+
 def image_dataset(paths: Sequence[str | os.PathLike], policy: ImagePolicy, batch_size: int,
                   labels: np.ndarray | None = None) -> tf.data.Dataset:
     """Batches of ``(images, errors)`` or, with ``labels``, ``(images, labels, errors)``.
@@ -51,7 +67,7 @@ def image_dataset(paths: Sequence[str | os.PathLike], policy: ImagePolicy, batch
     if labels is not None:
         label_ds = tf.data.Dataset.from_tensor_slices(np.asarray(labels))
         ds = tf.data.Dataset.zip((ds, label_ds)).map(lambda x, y: (x[0], y, x[1]))
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
 def raise_first_error(errors) -> None:

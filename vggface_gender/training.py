@@ -150,6 +150,8 @@ def feature_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, orders: np.nd
     once in manifest order. Rows are gathered on the host from the (memory-mapped) array."""
     import tensorflow as tf
 
+    from .tf_images import pipeline_options
+
     def gather(index):
         return np.ascontiguousarray(x[index], dtype=np.float32), y[index]
 
@@ -165,20 +167,20 @@ def feature_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, orders: np.nd
         ds = tf.data.Dataset.from_tensor_slices(orders.astype(np.int64)).flat_map(
             lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(features.pipeline_options())
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
 
 
 def image_epochs(split: Split, y: np.ndarray, policy, batch_size: int, trap, orders: np.ndarray | None = None):
     """Batches of ``(images, one-hot labels)`` streamed through the project's loader, epoch
     after epoch in ``orders`` (or once in manifest order); bad files go to ``trap``."""
-    from .tf_images import image_dataset
+    from .tf_images import image_dataset, pipeline_options
 
     orders = [np.arange(len(split.paths))] if orders is None else orders
     ds = None
     for order in orders:
         part = image_dataset([split.paths[i] for i in order], policy, batch_size, labels=y[order])
         ds = part if ds is None else ds.concatenate(part)
-    return trap.strip(ds).with_options(features.pipeline_options())
+    return trap.strip(ds).with_options(pipeline_options())
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -197,10 +199,10 @@ def _guard_callback(traps, learning_rate: float):
                 trap.check()
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(float(np.asarray(value))):
+                text = "NaN" if math.isnan(float(np.asarray(value))) else "infinite"
                 raise TrainingDivergedError(
-                    f"train.learning_rate={learning_rate:g}: the {where} loss became {float(np.asarray(value))} "
-                    f"in epoch {self.epoch + 1}; training diverged (try a smaller learning rate); "
-                    "nothing was written")
+                    f"train.learning_rate={learning_rate:g}: the {where} loss became {text} in epoch "
+                    f"{self.epoch + 1}; training diverged (try a smaller learning rate); nothing was written")
 
         def on_train_batch_end(self, batch, logs=None):
             self._check(logs, "loss", "training")
@@ -265,9 +267,10 @@ def run_stage(cfg, args=None) -> dict:
     started = time.perf_counter()
     early_stopping = not getattr(args, "no_early_stopping", False)
     work = WorkDir(cfg.work_dir)
+    # inputs in the order of the stages that make them, so the error names the first to run
+    splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
     base_info = read_base_info(work)
     require(work.base_model, CONVERSION_STAGE, "base model")
-    splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
     fingerprint = features.image_fingerprint(splits)  # every listed image is still there
     policy = resolve_policy(cfg, base_info)
     classes = cfg.classes

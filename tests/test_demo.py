@@ -87,6 +87,8 @@ def test_notebook_runs_the_demo_twice_with_the_same_numbers(tmp_path, monkeypatc
     run_notebook(monkeypatch, config_path)
     again = json.loads((reports / "metrics.json").read_text())
     assert again == metrics
-    assert json.loads((reports / "train_summary.json").read_text())["best_epoch"] == summary["best_epoch"]
+    second = json.loads((reports / "train_summary.json").read_text())
+    assert second["best_epoch"] == summary["best_epoch"]
+    assert (summary["cache"]["status"], second["cache"]["status"]) == ("built", "reused")
     # generated inputs were reused, not rewritten
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes

@@ -123,3 +123,23 @@ def test_a_failed_extraction_leaves_no_entry(project, capsys):
     assert project.train() == 1
     assert str(bad) in capsys.readouterr().err
     assert list((project.work / "features").iterdir()) == []
+
+
+def test_the_base_models_hash_ignores_its_save_date_but_not_its_weights(tmp_path):
+    """Re-running the conversion rewrites base.keras with a new save date in its metadata: the
+    cache must still be reused; another network must not share the hash."""
+    import time
+
+    from vggface_gender import conversion, synthetic
+    from vggface_gender.features import keras_model_sha256, sha256_file
+
+    mat = synthetic.write_vggface_mat(tmp_path / "a.mat", width=1 / 16, n_classes=3, input_size=32)
+    other = synthetic.write_vggface_mat(tmp_path / "b.mat", width=1 / 16, n_classes=3, input_size=32, seed=1)
+    conversion.convert(mat, tmp_path / "first")
+    time.sleep(1.1)  # the save date has one-second resolution
+    conversion.convert(mat, tmp_path / "again")
+    conversion.convert(other, tmp_path / "other")
+    first, again = tmp_path / "first" / "base.keras", tmp_path / "again" / "base.keras"
+    assert sha256_file(first) != sha256_file(again)  # the files' bytes differ (save date)
+    assert keras_model_sha256(first) == keras_model_sha256(again)
+    assert keras_model_sha256(first) != keras_model_sha256(tmp_path / "other" / "base.keras")

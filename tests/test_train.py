@@ -54,7 +54,8 @@ def test_separable_data_reaches_high_validation_accuracy_and_writes_the_contract
     assert info["input_size"] == list(base_info["input_size"][:2])
     assert info["policy"]["size"] == info["input_size"] and info["policy"]["resize"] == "stretch"
     assert info["embedding_layer"] == "relu7" and info["trainable_from"] is None
-    assert info["base_sha256"] == H.sha256(project.work / "model" / "base.keras")
+    from vggface_gender.features import keras_model_sha256
+    assert info["base_sha256"] == keras_model_sha256(project.work / "model" / "base.keras")
 
     # classifier.keras: images 0-255 in, probabilities out; base up to relu7 only, then the head
     model = project.classifier()

@@ -7,7 +7,7 @@ whose output (the *feature layer*) is what the cache stores.
 
 The cache lives in ``work_dir/features/<key>/`` as ``train.npy`` and ``val.npy`` (float32, one
 row per manifest row, in manifest order) and ``meta.json``. The key is a hash of everything
-the features depend on: the bytes of ``base.keras``, the feature layer, the image policy, the
+the features depend on: the content of ``base.keras`` (config and weights, not its save date), the feature layer, the image policy, the
 bytes of the manifests (rows, order and each image's content hash) and each listed image file's
 size and modification time (an image edited after ``data_preprocess.py`` ran). A changed input
 changes the key, so it is never served stale. An entry is written to a temporary folder and
@@ -45,6 +45,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def keras_model_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a ``.keras`` file: its config and weights, not its save date.
+
+    A ``.keras`` file is a zip whose ``metadata.json`` holds the time it was saved, so converting
+    the same ``.mat`` twice gives files with different bytes but the same network; hashing the
+    other members keeps the feature cache valid across such re-runs.
+    """
+    import zipfile
+
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in sorted(archive.infolist(), key=lambda m: m.filename):
+                if member.filename == "metadata.json":
+                    continue
+                digest.update(member.filename.encode("utf-8") + b"\0")
+                with archive.open(member) as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+    except zipfile.BadZipFile:
+        return sha256_file(path)
     return digest.hexdigest()
 
 

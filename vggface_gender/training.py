@@ -297,7 +297,7 @@ def run_stage(cfg, args=None) -> dict:
     orders = epoch_orders(len(train.paths), cfg.train.max_epochs, cfg.seed)
     steps = math.ceil(len(train.paths) / batch)
     flatten = len(cut.embedding_shape()) > 1
-    base_sha256 = features.sha256_file(work.base_model)
+    base_sha256 = features.keras_model_sha256(work.base_model)  # not its save date: see there
     traps = ()
     cache_info: dict = {"enabled": bool(cfg.train.cache)}
 

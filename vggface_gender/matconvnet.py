@@ -353,20 +353,20 @@ def _refuse_dagnn(container: Mapping, path: Path) -> None:
                              f"SimpleNN networks; convert with dagnn.DagNN.loadobj/saveobj to SimpleNN)")
 
 
+def _first_mapping(owners, name: str):
+    """The first struct field ``name`` found among ``owners``, or None."""
+    for owner in owners:
+        candidate = _get(owner, name)
+        if _is_mapping(candidate):
+            return candidate
+    return None
+
+
 def _parse(top: Mapping, path: Path, mat_format: str) -> Net:
     container, layout, meta = _find_network(top, path)
-    normalization = None
-    for owner in (container, meta, top):
-        candidate = _get(owner, "normalization")
-        if _is_mapping(candidate):
-            normalization = candidate
-            break
-    classes = None
-    for owner in (container, meta, top):
-        candidate = _get(owner, "classes")
-        if _is_mapping(candidate):
-            classes = candidate
-            break
+    # Each layout keeps these in a different place: the net, its meta, or the top level.
+    normalization = _first_mapping((container, meta, top), "normalization")
+    classes = _first_mapping((container, meta, top), "classes")
 
     raw_layers = container["layers"]
     if _is_mapping(raw_layers):  # a struct array instead of a cell

@@ -4,7 +4,8 @@ Writes a full-size VGG-Face-structured MatConvNet file (145M weights + the same 
 ``momentum``, as in the real ~1 GB vgg_face.mat; uncompressed unless --compress) into a temporary
 folder outside the project, warms the page cache, then runs, each in its own fresh Python
 process and interleaved: (a) ``scipy.io.loadmat(file)``, (b) ``conversion.convert(file, out)``.
-One warm-up run of each, then the median of --runs runs.
+One warm-up run of each, then the median of --runs runs. Before each run the previous output is
+removed and written data is flushed (``sync``), so no run pays for another's disk writes.
 
 Figures (targets from issue 2):
 - time: the converter's work after imports (load + build + weight transfer + checksum wait +
@@ -63,6 +64,10 @@ def child_convert(mat: str, out: str) -> dict:
 
 
 def run_child(kind: str, mat: Path, out: Path) -> dict:
+    # Each run starts alike: no output of an earlier run to replace (a first conversion), and no
+    # earlier run's written files still being flushed to disk beside it.
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, __file__, "--child", kind, "--file", str(mat), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

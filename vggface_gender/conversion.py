@@ -23,7 +23,6 @@ base.json (``format`` 1):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mmap
 import os
@@ -148,7 +147,7 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
         "keras_version": keras.__version__,
     }
     del net
-    # The checksum runs while Keras saves: saving is single-threaded, so the hash gets a core of
+    # The checksum runs while the model is saved: saving is single-threaded, so the hash gets a core of
     # its own. (Run beside the parse, it slowed the parse nearly as much as it cost.)
     checksum = _Checksum(mat_path)
     checksum.start()
@@ -157,8 +156,7 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     say(f"saving {model_path}")
     try:
         with atomic_path(model_path) as tmp_model:
-            with _weights_in_memory(model):
-                model.save(tmp_model)
+            keras_model.save_model(model, tmp_model)
             saved = time.perf_counter()
             digest, size_bytes = checksum.result()
             timings["checksum_wait"] = time.perf_counter() - saved
@@ -182,46 +180,6 @@ def _changed(path: Path, before: os.stat_result) -> bool:
     except OSError:
         return True
     return (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
-
-
-@contextlib.contextmanager
-def _weights_in_memory(model):
-    """Let Keras assemble the weights' .h5 in memory when memory allows.
-
-    Without psutil, Keras assumes 1 GB of RAM and, for VGG-Face's 580 MB of weights, writes them
-    to a temporary .h5 beside the target and then copies it into the zip: the whole payload is
-    written to disk twice (~2 s on a slow disk). We read MemAvailable ourselves and let Keras take
-    its in-memory route (which it takes anyway when psutil is installed) only when twice the
-    weights fit comfortably. Falls back to Keras' own choice if its internals differ.
-    """
-    try:
-        from keras.src.saving import saving_lib
-    except ImportError:  # pragma: no cover - a Keras layout we do not know
-        yield
-        return
-    original = getattr(saving_lib, "is_memory_sufficient", None)
-    available = _memory_available()
-    if original is None or available is None:
-        yield
-        return
-    needed = 2 * sum(int(np.prod(v.shape)) * 4 for v in model.weights)
-    saving_lib.is_memory_sufficient = lambda _model: needed < 0.5 * available
-    try:
-        yield
-    finally:
-        saving_lib.is_memory_sufficient = original
-
-
-def _memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _input_size(net, fallback) -> tuple[int, int]:

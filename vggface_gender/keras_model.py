@@ -24,13 +24,20 @@ Weight transfer is the expensive part of a conversion (580 MB for VGG-Face), so 
 kernels are never initialised randomly (each layer is built with an initializer that hands over
 the converted array), MATLAB's column-major arrays are reordered once, in cache-friendly blocks,
 straight into a 64-byte-aligned buffer that TensorFlow adopts without a copy (DLPack), and each
-source array is released as soon as its layer holds it.
+source array is released as soon as its layer holds it. Saving (``save_model``) avoids the same
+copies on the way out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import shutil
+import tempfile
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 
@@ -310,3 +317,100 @@ def _pool_layer(layer, name):
         cls = keras.layers.MaxPooling2D if p["method"] == "max" else keras.layers.AveragePooling2D
         return cls(pool_size=p["pool"], strides=p["stride"], padding="valid", name=name)
     return custom_layers.MatConvNetPooling2D(p["pool"], p["stride"], p["pad"], p["method"], name=name)
+
+
+# =========================================================================== saving
+# The entries of a .keras archive, in the order Keras writes them.
+ARCHIVE_ENTRIES = ("metadata.json", "config.json", "model.weights.h5")
+_COPY_CHUNK = 1 << 20  # small enough to stay in cache between the read, the CRC and the write
+
+
+def save_model(model, path) -> None:
+    """Write ``model`` to the ``.keras`` file ``path``: the archive ``model.save(path)`` writes.
+
+    Same files, written by Keras itself, but about 3x faster for VGG-Face's 580 MB of weights.
+    ``model.save`` copies each weight twice on its way to h5py (TensorFlow's ``.numpy()``, then
+    ``np.array``) and assembles the .h5 in memory (or, without psutil, in a temporary file) before
+    copying it into the zip. Here Keras writes the unzipped form (``zipped=False``: config.json,
+    metadata.json, model.weights.h5) into a temporary folder beside ``path``, h5py reading each
+    TensorFlow variable's buffer in place (``_weights_as_views``), and the three files are then
+    stored, uncompressed as Keras does, into the zip in Keras' order.
+
+    Falls back to a plain ``model.save(path)`` when the Keras at hand has no ``zipped``
+    argument, when a layer saves assets (lookup layers' vocabularies: Keras' unzipped form
+    drops them), or when the unzipped form holds anything else.
+    """
+    path = Path(path)
+    if "zipped" not in inspect.signature(keras.saving.save_model).parameters \
+            or any(hasattr(layer, "save_assets") for layer in _all_layers(model)):
+        model.save(path)
+        return
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent))
+    try:
+        unzipped = folder / "model"
+        with _weights_as_views():
+            keras.saving.save_model(model, unzipped, zipped=False)
+        files = sorted(p.relative_to(unzipped).as_posix() for p in unzipped.rglob("*") if not p.is_dir())
+        if files != sorted(ARCHIVE_ENTRIES):  # (an empty assets/ folder is fine: zip holds no folders)
+            model.save(path)
+            return
+        _store_in_zip(unzipped, ARCHIVE_ENTRIES, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _all_layers(layer):
+    """``layer`` and every layer nested in it."""
+    yield layer
+    for inner in getattr(layer, "layers", ()):
+        yield from _all_layers(inner)
+
+
+def _store_in_zip(folder: Path, names, path: Path) -> None:
+    """Store ``folder/name`` for each name (uncompressed) in a new zip at ``path``."""
+    buffer = bytearray(_COPY_CHUNK)
+    view = memoryview(buffer)
+    stamp = time.localtime(time.time())[:6]
+    with open(path, "wb") as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in names:
+            source = folder / name
+            entry = zipfile.ZipInfo(name, date_time=stamp)
+            entry.external_attr = 0o600 << 16  # what ZipFile.open(name, "w") gives Keras' entries
+            entry.file_size = source.stat().st_size  # lets zipfile pick zip64 for a > 2 GB file
+            with open(source, "rb", buffering=0) as reader, archive.open(entry, "w") as writer:
+                while count := reader.readinto(buffer):
+                    writer.write(view[:count])
+
+
+@contextlib.contextmanager
+def _weights_as_views():
+    """While Keras saves, give h5py a read-only view of each TensorFlow variable's buffer.
+
+    Keras' h5 store turns each variable into numpy with ``backend.convert_to_numpy``, which for
+    TensorFlow is ``np.array(variable)``: a copy of a copy (~1 s for VGG-Face). A tensor read
+    from the variable shares its buffer, and ``np.asarray`` of it is a view; h5py only reads it.
+    Anything else goes to Keras' own function. If Keras' internals differ, nothing is patched and
+    the save is only slower.
+    """
+    try:
+        from keras.src import backend as keras_backend
+
+        original = keras_backend.convert_to_numpy
+    except (ImportError, AttributeError):  # pragma: no cover - a Keras layout we do not know
+        yield
+        return
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    def as_view(value):
+        if isinstance(value, keras.Variable):
+            return np.asarray(tf.convert_to_tensor(value))
+        return original(value)
+
+    keras_backend.convert_to_numpy = as_view
+    try:
+        yield
+    finally:
+        keras_backend.convert_to_numpy = original

@@ -387,13 +387,14 @@ HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
 def write_outputs(work: WorkDir, classifier, info: dict, result: FitResult, summary: dict) -> None:
     """Write every output to a temporary file first and rename them only when all succeeded."""
     from . import reports
+    from .keras_model import save_model
 
     with contextlib.ExitStack() as stack:
         tmp = {name: stack.enter_context(atomic_path(path)) for name, path in (
             ("model", work.classifier), ("info", work.classifier_info),
             ("history", work.reports / "history.csv"), ("curves", work.reports / "training_curves.png"),
             ("summary", work.reports / "train_summary.json"))}
-        classifier.save(tmp["model"])
+        save_model(classifier, tmp["model"])
         tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         with open(tmp["history"], "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)

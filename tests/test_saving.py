@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -38,7 +39,7 @@ def _entries(path):
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None  # every CRC checks out
         infos = archive.infolist()
-        return ([(i.filename, i.compress_type, i.external_attr) for i in infos],
+        return ([(i.filename, i.compress_type, i.external_attr, i.flag_bits) for i in infos],
                 {i.filename: archive.read(i.filename) for i in infos})
 
 
@@ -52,6 +53,19 @@ def _spy_on_fast_path(monkeypatch) -> list:
 
     monkeypatch.setattr(keras_model, "_store_in_zip", spy)
     return calls
+
+
+def _spy_on_views(monkeypatch) -> list:
+    """For each value Keras converts while saving: True if it got a view of the variable's memory."""
+    seen, convert = [], keras_model._view_or_copy
+
+    def spy(value, **kwargs):
+        result = convert(value, **kwargs)
+        seen.append(isinstance(result, np.ndarray) and not result.flags.owndata)
+        return result
+
+    monkeypatch.setattr(keras_model, "_view_or_copy", spy)
+    return seen
 
 
 def _built(tmp_path, kind):
@@ -69,16 +83,20 @@ def test_save_model_writes_what_model_save_writes(tmp_path, kind, monkeypatch):
     model = _built(tmp_path, kind)
     ours, keras_own = tmp_path / "ours.keras", tmp_path / "keras.keras"
     stored = _spy_on_fast_path(monkeypatch)
-    keras_model.save_model(model, tmp_path / "first.keras")  # Keras leaves an empty assets/ after this
+    views = _spy_on_views(monkeypatch)
+    keras_model.save_model(model, tmp_path / "first.keras")
     keras_model.save_model(model, ours)
     assert stored == [tmp_path / "first.keras", ours]  # the fast path, not the fallback, both times
+    assert views == [True] * 2 * len(model.weights)  # every weight went to h5py as a view, no copy
     model.save(keras_own)
 
     our_list, our_files = _entries(ours)
     their_list, their_files = _entries(keras_own)
-    assert our_list == their_list  # same names, order, storage (uncompressed) and permissions
-    assert [name for name, _, _ in our_list] == list(keras_model.ARCHIVE_ENTRIES)
-    assert json.loads(our_files["config.json"]) == json.loads(their_files["config.json"])
+    assert our_list == their_list  # same names, order, storage (uncompressed), flags and permissions
+    assert [entry[0] for entry in our_list] == list(keras_model.ARCHIVE_ENTRIES)
+    assert our_files["config.json"] == their_files["config.json"]  # byte for byte
+    # (the .h5 files differ by a few hundred bytes of HDF5 free space: one is written to disk,
+    # the other through a file object; their groups, attributes and weights are compared below)
     our_meta, their_meta = (json.loads(f["metadata.json"]) for f in (our_files, their_files))
     assert our_meta.keys() == their_meta.keys() and our_meta["keras_version"] == their_meta["keras_version"]
     import io
@@ -105,6 +123,7 @@ def test_saved_weights_are_the_models_weights_after_loading(tmp_path):
 
 
 def test_keras_conversion_function_is_restored_after_saving(tmp_path, monkeypatch):
+    import keras
     from keras.src import backend as keras_backend
 
     original = keras_backend.convert_to_numpy
@@ -112,15 +131,80 @@ def test_keras_conversion_function_is_restored_after_saving(tmp_path, monkeypatc
     keras_model.save_model(model, tmp_path / "ok.keras")
     assert keras_backend.convert_to_numpy is original
 
-    def broken_store(*args, **kwargs):
+    def failing_save(model, filepath, overwrite=True, zipped=None):
+        assert keras_backend.convert_to_numpy is not original  # patched while Keras saves
         raise OSError("disk full")
 
-    monkeypatch.setattr(keras_model, "_store_in_zip", broken_store)
+    monkeypatch.setattr(keras.saving, "save_model", failing_save)
     with pytest.raises(OSError, match="disk full"):
         keras_model.save_model(model, tmp_path / "broken.keras")
     assert keras_backend.convert_to_numpy is original
     # no temporary folder is left beside the target
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_other_threads_get_keras_own_conversion_during_a_save(tmp_path):
+    import keras
+    import threading
+
+    model = _built(tmp_path, "vgg")
+    kernel = model.get_layer("conv1_1").kernel
+    from_other_thread = []
+    with keras_model._weights_as_views():
+        from keras.src import backend as keras_backend
+
+        assert not keras_backend.convert_to_numpy(kernel).flags.owndata  # this thread: a view
+        worker = threading.Thread(target=lambda: from_other_thread.append(keras_backend.convert_to_numpy(kernel)))
+        worker.start()
+        worker.join()
+    assert from_other_thread[0].flags.owndata and from_other_thread[0].flags.writeable  # a copy
+    np.testing.assert_array_equal(from_other_thread[0], keras.ops.convert_to_numpy(kernel))
+
+
+def test_a_trained_compiled_model_saves_like_model_save(tmp_path, monkeypatch):
+    """What train.py saves can hold optimizer, metric and seed-generator state: scalars too."""
+    import io
+
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+    model.fit(x, np.eye(2, dtype=np.float32)[np.arange(16) % 2], epochs=1, verbose=0)
+    ours, keras_own = tmp_path / "ours.keras", tmp_path / "keras.keras"
+    stored = _spy_on_fast_path(monkeypatch)
+    keras_model.save_model(model, ours)
+    assert stored == [ours]
+    model.save(keras_own)
+    (_, our_files), (_, their_files) = _entries(ours), _entries(keras_own)
+    ours_tree = _h5_tree(io.BytesIO(our_files["model.weights.h5"]))
+    assert ours_tree == _h5_tree(io.BytesIO(their_files["model.weights.h5"]))
+    assert any(v[0] == "dataset" and v[3] == () for v in ours_tree.values())  # scalar state included
+    loaded = keras.saving.load_model(ours)
+    assert loaded.optimizer.iterations.numpy() == model.optimizer.iterations.numpy() == 1
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_unexpected_files_in_the_unzipped_form_fall_back_to_model_save(tmp_path, monkeypatch):
+    import keras
+
+    model = _built(tmp_path, "vgg")
+    original = keras.saving.save_model
+
+    def save_with_extra_file(model, filepath, overwrite=True, zipped=None):
+        original(model, filepath, zipped=zipped)
+        (Path(filepath) / "assets" / "vocabulary.txt").write_text("kiwi\n")
+
+    monkeypatch.setattr(keras.saving, "save_model", save_with_extra_file)
+    stored = _spy_on_fast_path(monkeypatch)
+    path = tmp_path / "fallback.keras"
+    keras_model.save_model(model, path)
+    assert stored == []
+    names, _ = _entries(path)
+    assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
+    assert len(keras.saving.load_model(path).weights) == len(model.weights)
 
 
 def test_layers_with_assets_fall_back_to_keras_own_save(tmp_path, monkeypatch):
@@ -148,5 +232,5 @@ def test_a_keras_without_unzipped_saving_falls_back_to_model_save(tmp_path, monk
     keras_model.save_model(model, path)
     assert stored == []
     names, _ = _entries(path)
-    assert [n for n, _, _ in names] == list(keras_model.ARCHIVE_ENTRIES)
+    assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
     assert len(keras.saving.load_model(path).weights) == len(model.weights)

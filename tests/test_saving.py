@@ -234,3 +234,24 @@ def test_a_keras_without_unzipped_saving_falls_back_to_model_save(tmp_path, monk
     names, _ = _entries(path)
     assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
     assert len(keras.saving.load_model(path).weights) == len(model.weights)
+
+
+def test_the_unzipped_form_goes_to_memory_when_it_has_room_else_beside_the_target(tmp_path, monkeypatch):
+    model = _built(tmp_path, "vgg")
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    target = tmp_path / "out"
+    target.mkdir()
+    monkeypatch.setattr(keras_model, "MEMORY_SCRATCH", memory)
+    folders, store = [], keras_model._store_in_zip
+
+    def spy(folder, names, path):
+        folders.append(folder.parent.parent)  # <scratch>/<temp folder>/model
+        return store(folder, names, path)
+
+    monkeypatch.setattr(keras_model, "_store_in_zip", spy)
+    keras_model.save_model(model, target / "a.keras")
+    monkeypatch.setattr(keras_model, "_memory_available", lambda: 1 << 20)  # too little RAM
+    keras_model.save_model(model, target / "b.keras")
+    assert folders == [memory, target.resolve()]
+    assert list(memory.iterdir()) == [] and sorted(p.name for p in target.iterdir()) == ["a.keras", "b.keras"]

@@ -17,7 +17,7 @@ after a warm-up (train.py and (a) once each; they also fill the page cache for (
 
 Targets: train.py <= 1.2 x (a) + 10 s, and (b) / train.py >= 5 at 10 epochs. A train.py run
 that reuses its cache is also timed (information). (a) and (b) get the same tf.data options as
-train.py (`features.pipeline_options`: autotuning off), without which TensorFlow's iterator
+train.py (`tf_images.pipeline_options`: autotuning off), without which TensorFlow's iterator
 teardown waits for the autotuner's next wake-up and adds up to ~10 s per pass to them.
 
     python bench/bench_train.py            # width 1/2, 300 images, 10 epochs, 3 runs (~20 min)
@@ -94,8 +94,7 @@ def child_extract(config: str) -> dict:
     import keras
 
     import vggface_gender.layers  # noqa: F401
-    from vggface_gender.features import pipeline_options
-    from vggface_gender.tf_images import image_dataset
+    from vggface_gender.tf_images import image_dataset, pipeline_options
 
     cfg, work, splits, policy = _load(config)
     base = keras.saving.load_model(work.base_model, compile=False)
@@ -115,7 +114,7 @@ def child_naive(config: str) -> dict:
     import numpy as np
 
     import vggface_gender.layers  # noqa: F401
-    from vggface_gender import features, training
+    from vggface_gender import features, tf_images, training
     from vggface_gender.tf_images import image_dataset
 
     cfg, work, (train, val), policy = _load(config)
@@ -130,7 +129,7 @@ def child_naive(config: str) -> dict:
     def dataset(split):
         labels = np.eye(2, dtype=np.float32)[split.labels]
         ds = image_dataset(split.paths, policy, cfg.train.batch_size, labels).map(lambda x, y, e: (x, y))
-        return ds.with_options(features.pipeline_options())
+        return ds.with_options(tf_images.pipeline_options())
 
     start = time.perf_counter()
     model.fit(dataset(train).shuffle(64, seed=0), validation_data=dataset(val),
@@ -140,7 +139,9 @@ def child_naive(config: str) -> dict:
 
 def run_child(kind: str, config: Path) -> float:
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--config", str(config)],
-                         check=True, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                         env=ENV, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the {kind} run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 

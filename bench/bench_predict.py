@@ -21,8 +21,9 @@ intra-op threads), leaving the other cores to decoding, as when an accelerator d
 compute: it shows whether decoding overlaps with compute.
 
 The classifier is built directly in Keras with VGG-Face's layer structure
-(`synthetic.vggface_layer_specs`) and He-scaled random weights, saved as train.py saves it
-(`classifier.keras` + `classifier.json`) and loaded back with `evaluation.load_classifier`.
+(`synthetic.vggface_layer_specs`) and He-scaled random weights, saved with `model.save` as
+`classifier.keras` + `classifier.json` (what train.py writes) and loaded back with
+`evaluation.load_classifier`.
 Generated images live in a temporary folder (12-MP photos are cached in
 $TMPDIR/vggface_bench_predict between runs).
 
@@ -190,7 +191,7 @@ def bench_setting(label: str, folder: Path, width: float, tmp: Path, runs: int, 
     ours_cpu, bare_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["bare"])
     # Without an accelerator, decoding and the model share the CPU cores: when the bare predict
     # already keeps every core busy, even a perfect overlap cannot beat bare CPU / ours CPU.
-    busy = bare_cpu / statistics.median(times["bare"])
+    busy = statistics.median(c / w for c, w in zip(cpu["bare"], times["bare"]))
     print(f"# {label}: CPU per image: ours {ours_cpu / n * 1000:.0f} ms, bare {bare_cpu / n * 1000:.0f} ms; "
           f"the bare predict keeps {busy:.1f} of {os.cpu_count()} cores busy; if it kept them all busy, "
           f"ours would be bounded by {bare_cpu / ours_cpu:.2f} x bare", flush=True)
@@ -218,7 +219,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("faces", "photos"), default=None)
     parser.add_argument("--model-threads", type=int, default=None,
                         help="confine the model's kernels to this many cores (TensorFlow intra-op threads)")
+    parser.add_argument("--decode-niceness", type=int, default=None,
+                        help="override tf_images.DECODE_NICENESS (0: decoding at the model's priority)")
     args = parser.parse_args(argv)
+    if args.decode_niceness is not None:
+        from vggface_gender import tf_images
+
+        tf_images.DECODE_NICENESS = args.decode_niceness
     if args.model_threads:
         import tensorflow as tf  # must be set before TensorFlow runs anything
 

@@ -28,11 +28,12 @@ def _yield_to_the_model() -> None:
 
     When decoding and the model want more cores than there are, the model's threads go first and
     decoding fills the gaps: the model sets the pace (a CPU-bound pass takes the same total CPU
-    either way, and with an accelerator the thread feeding it is not held up by decoders). The
-    threads are the pipeline's own (a private thread pool), so nothing else runs at the lower
-    priority. Idempotent and cheap (two system calls), so it runs on every image: TensorFlow may
-    call Python from a thread under a fresh Python thread state each time, so no per-thread
-    memory is kept. Linux only (elsewhere a nice value is per process).
+    either way, and the thread that feeds an accelerator is not held up by decoders). The threads
+    are the pipeline's own (a private thread pool, ended with the iterator), so no other thread of
+    this process runs at the lower priority; like any nice value, it also makes decoding yield to
+    other busy processes on the machine. Idempotent and cheap (two system calls), so it runs on
+    every image: TensorFlow may call Python from a thread under a fresh Python thread state each
+    time, so no per-thread memory is kept. Linux only (elsewhere a nice value is per process).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -66,12 +67,13 @@ def pipeline_options():
       batch of prefetch, which is all the overlap a model-bound pass needs.
     - Sharding off: under ``MirroredStrategy`` on one machine the replicas split each batch;
       there are no files to shard by.
-    - A private thread pool (one thread per core): decoding runs on threads of its own, which
-      can yield to the model (``_yield_to_the_model``) without slowing anything else.
+    - A private thread pool (sized from the cores this process may use): decoding runs on threads
+      of its own, which end with the iterator, so lowering their priority
+      (``_yield_to_the_model``) touches no thread that runs the model.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
-    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.private_threadpool_size = 0  # 0: sized by TensorFlow from the usable cores
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return options
 

@@ -8,7 +8,6 @@ to ``data.root``) so these tests do not depend on the sampling rules of ``data_p
 from __future__ import annotations
 
 import csv
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from vggface_gender import synthetic
 from vggface_gender.config import load_config
+from vggface_gender.features import sha256_file
 
 CLASSES = ("female", "male")
 WIDTH = 1 / 16
@@ -44,17 +44,13 @@ def install_base(source_dir: Path, work_dir: Path) -> None:
         shutil.copy2(Path(source_dir) / name, target / name)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_manifest(path: Path, root: Path, files, labels) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("path", "label", "sha256"))
         for file, label in zip(files, labels):
-            writer.writerow((Path(file).relative_to(root).as_posix(), label, sha256(file)))
+            writer.writerow((Path(file).relative_to(root).as_posix(), label, sha256_file(file)))
     return path
 
 

@@ -55,6 +55,18 @@ def _spy_on_fast_path(monkeypatch) -> list:
     return calls
 
 
+def _assert_saved_by_keras_own_save(model, path, monkeypatch) -> None:
+    """``save_model`` took its fallback (``model.save``), and the file holds the model."""
+    import keras
+
+    stored = _spy_on_fast_path(monkeypatch)
+    keras_model.save_model(model, path)
+    assert stored == []
+    names, _ = _entries(path)
+    assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
+    assert len(keras.saving.load_model(path).weights) == len(model.weights)
+
+
 def _gpu_visible() -> bool:
     import tensorflow as tf
 
@@ -210,13 +222,7 @@ def test_unexpected_files_in_the_unzipped_form_fall_back_to_model_save(tmp_path,
         (Path(filepath) / "assets" / "vocabulary.txt").write_text("kiwi\n")
 
     monkeypatch.setattr(keras.saving, "save_model", save_with_extra_file)
-    stored = _spy_on_fast_path(monkeypatch)
-    path = tmp_path / "fallback.keras"
-    keras_model.save_model(model, path)
-    assert stored == []
-    names, _ = _entries(path)
-    assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
-    assert len(keras.saving.load_model(path).weights) == len(model.weights)
+    _assert_saved_by_keras_own_save(model, tmp_path / "fallback.keras", monkeypatch)
 
 
 def test_layers_with_assets_fall_back_to_keras_own_save(tmp_path, monkeypatch):
@@ -239,13 +245,7 @@ def test_a_keras_without_unzipped_saving_falls_back_to_model_save(tmp_path, monk
     model = _built(tmp_path, "vgg")
     original = keras.saving.save_model
     monkeypatch.setattr(keras.saving, "save_model", lambda model, filepath, overwrite=True: original(model, filepath))
-    path = tmp_path / "old.keras"
-    stored = _spy_on_fast_path(monkeypatch)
-    keras_model.save_model(model, path)
-    assert stored == []
-    names, _ = _entries(path)
-    assert [entry[0] for entry in names] == list(keras_model.ARCHIVE_ENTRIES)
-    assert len(keras.saving.load_model(path).weights) == len(model.weights)
+    _assert_saved_by_keras_own_save(model, tmp_path / "old.keras", monkeypatch)
 
 
 def test_the_unzipped_form_goes_to_memory_when_it_has_room_else_beside_the_target(tmp_path, monkeypatch):

@@ -226,14 +226,13 @@ def run_stage(cfg, args) -> int:
 
 def verify(cfg, model_path, info: dict, images, top: int = 5, stream=None) -> list[list[tuple[str, float]]]:
     """Print (and return) the ``top`` classes of each image under the saved model."""
-    import numpy as np
-
-    from . import layers  # noqa: F401  (custom layers, if the network uses any)
-    from .images import load_image, resolve_policy
     import keras
 
+    from .images import load_image, resolve_policy
+    from .keras_model import load_saved_model
+
     stream = stream or sys.stdout
-    model = keras.saving.load_model(model_path)
+    model = load_saved_model(model_path, "converted model", "model_conversion.py")
     policy = resolve_policy(cfg, info)
     classes = info.get("classes")
     last = model.layers[-1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from . import metrics
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
 from .images import IMAGE_EXTENSIONS, ImagePolicy, find_images
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, atomic_path, read_json, require
+from .workdir import WorkDir, atomic_open, atomic_paths, read_json, require
 
 TRAIN_STAGE = "train.py"
 DATA_STAGE = "data_preprocess.py"
@@ -89,17 +88,9 @@ def load_classifier(work: WorkDir) -> Classifier:
     """Load ``model/classifier.keras`` and its ``classifier.json``; one-line errors otherwise."""
     info, classes, policy = read_classifier_info(work)
     model_path, info_path = work.classifier, work.classifier_info
-    import keras
+    from .keras_model import load_saved_model
 
-    # Registered layer classes must be known before a model using them is deserialised.
-    if importlib.util.find_spec("vggface_gender.layers") is not None:
-        importlib.import_module("vggface_gender.layers")
-    try:
-        model = keras.saving.load_model(model_path)
-    except Exception as exc:  # Keras raises many kinds for a damaged or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelFileError(f"{model_path}: cannot load the classifier ({type(exc).__name__}: "
-                             f"{first[:200]}); run `python {TRAIN_STAGE}` again") from None
+    model = load_saved_model(model_path, "classifier", TRAIN_STAGE)
     in_shape, out_shape = tuple(model.input_shape), tuple(model.output_shape)
     if in_shape[1:] != (*policy.size, 3) or out_shape[-1] != len(classes):
         raise ModelFileError(
@@ -318,8 +309,7 @@ def _write_reports(work: WorkDir, report: dict, rel_paths, abs_paths, y_true, y_
     names = ["predictions.csv", "roc_curve.png", "confusion_matrix.png", "errors.png", "metrics.json"]
     if report.get("groups"):
         names.append("groups.png")
-    with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(out / name)) for name in names}
+    with atomic_paths({name: out / name for name in names}) as tmp:
         with open(tmp["predictions.csv"], "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["path", "label", "predicted", *(f"prob_{c}" for c in classes)])
@@ -340,9 +330,6 @@ def _write_reports(work: WorkDir, report: dict, rel_paths, abs_paths, y_true, y_
         with open(tmp["metrics.json"], "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-        for path in tmp.values():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
     if not report.get("groups") and (out / "groups.png").exists():
         (out / "groups.png").unlink()  # a stale plot from an earlier run with groups would mislead
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
-from .workdir import write_json
+from .workdir import fsync_file, write_json
 
 CACHE_FORMAT = 1
 KEEP_ENTRIES = 3  # cache entries kept: the one in use and the most recently used others
@@ -367,7 +367,7 @@ def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Seq
                                        "extract_seconds": round(seconds, 3),
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         for name in names:
-            _fsync(tmp / f"{name}.npy")
+            fsync_file(tmp / f"{name}.npy")
         if folder.exists():
             if load_entry(folder, key, names) is not None:  # another run finished it meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -382,11 +382,6 @@ def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Seq
     if arrays is None:  # pragma: no cover - we just wrote it
         raise PipelineError(f"{folder}: feature cache could not be read back")
     return CachedFeatures(arrays, "built", folder, seconds)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _remove_stale_temporaries(cache_root: Path) -> None:

@@ -47,6 +47,7 @@ import numpy as np
 import keras
 
 from . import layers as custom_layers  # noqa: F401  (registers the custom classes)
+from .errors import ModelFileError
 from .matconvnet import Net, mean_image, output_shapes
 
 INPUT_NAME = "input"
@@ -320,6 +321,23 @@ def _pool_layer(layer, name):
         cls = keras.layers.MaxPooling2D if p["method"] == "max" else keras.layers.AveragePooling2D
         return cls(pool_size=p["pool"], strides=p["stride"], padding="valid", name=name)
     return custom_layers.MatConvNetPooling2D(p["pool"], p["stride"], p["pad"], p["method"], name=name)
+
+
+# =========================================================================== loading
+def load_saved_model(path, what: str, stage_script: str, *, scope=None, compile: bool = True):
+    """``keras.saving.load_model(path)`` (safe mode) of a model this project saved.
+
+    This module registers the custom layers on import, so they are known before deserialising.
+    ``scope``: a context to load in (a distribution strategy's scope). A damaged or foreign file
+    is a one-line ``ModelFileError`` that names the ``stage_script`` to run again.
+    """
+    try:
+        with scope if scope is not None else contextlib.nullcontext():
+            return keras.saving.load_model(path, compile=compile)
+    except Exception as exc:  # Keras raises many kinds for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{path}: cannot load the {what} ({type(exc).__name__}: {first[:200]}); "
+                             f"run `python {stage_script}` again") from None
 
 
 # =========================================================================== saving

@@ -22,13 +22,10 @@ train_summary.json}``, all together at the end: a run that fails writes none of 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
-import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +37,7 @@ from . import features
 from .errors import DataError, ModelFileError, PipelineError
 from .features import Split
 from .images import resolve_policy
-from .workdir import WorkDir, atomic_path, read_json, require
+from .workdir import WorkDir, atomic_paths, read_json, require
 
 DATA_STAGE = "data_preprocess.py"
 CONVERSION_STAGE = "model_conversion.py"
@@ -82,18 +79,10 @@ def read_base_info(work: WorkDir) -> dict:
 
 def load_base(path: Path, strategy):
     """``base.keras`` loaded inside the strategy's scope (its variables then live on every replica)."""
-    import keras
+    from .keras_model import load_saved_model
 
-    if importlib.util.find_spec("vggface_gender.layers") is not None:
-        importlib.import_module("vggface_gender.layers")  # registered layers, before deserialising
     require(path, CONVERSION_STAGE, "base model")
-    try:
-        with strategy.scope():
-            return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many kinds for a damaged or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelFileError(f"{path}: cannot load the base model ({type(exc).__name__}: {first[:200]}); "
-                             f"run `python {CONVERSION_STAGE}` again") from None
+    return load_saved_model(path, "base model", CONVERSION_STAGE, scope=strategy.scope(), compile=False)
 
 
 def make_strategy(name: str):
@@ -389,11 +378,9 @@ def write_outputs(work: WorkDir, classifier, info: dict, result: FitResult, summ
     from . import reports
     from .keras_model import save_model
 
-    with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in (
-            ("model", work.classifier), ("info", work.classifier_info),
-            ("history", work.reports / "history.csv"), ("curves", work.reports / "training_curves.png"),
-            ("summary", work.reports / "train_summary.json"))}
+    with atomic_paths({"model": work.classifier, "info": work.classifier_info,
+                       "history": work.reports / "history.csv", "curves": work.reports / "training_curves.png",
+                       "summary": work.reports / "train_summary.json"}) as tmp:
         save_model(classifier, tmp["model"])
         tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         with open(tmp["history"], "w", encoding="utf-8", newline="") as f:
@@ -403,6 +390,3 @@ def write_outputs(work: WorkDir, classifier, info: dict, result: FitResult, summ
                 writer.writerow((epoch + 1, *(repr(result.history[c][epoch]) for c in HISTORY_COLUMNS)))
         reports.plot_training_curves(result.history, tmp["curves"], best_epoch=result.kept_epoch)
         tmp["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        for path in tmp.values():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

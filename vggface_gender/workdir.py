@@ -113,6 +113,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: dict) -> Iterator[dict]:
+    """Several outputs written as one: yield ``{key: temporary path}`` for ``{key: path}``.
+
+    Only when the block succeeds are all of them flushed to disk and renamed into place; on an
+    error none is, and the temporaries are removed (a later stage never sees half a set).
+    """
+    with contextlib.ExitStack() as stack:
+        temporaries = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
+        yield temporaries
+        for path in temporaries.values():
+            fsync_file(path)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """``open()`` for writing, made atomic: the file appears complete or not at all."""

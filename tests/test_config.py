@@ -39,6 +39,17 @@ def test_defaults(tmp_path):
     assert cfg.work_dir == tmp_path / "work"
 
 
+def test_exponents_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) alone reads ``1e-4`` as a string; people mean a number."""
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-4\n"))
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    cfg = load_config(write(tmp_path, ""), ["train.learning_rate=2E-3"])
+    assert cfg.train.learning_rate == 2e-3
+    assert parse_override("model.embedding_layer=1e") == ("model.embedding_layer", "1e")  # not a number
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(write(tmp_path, "train:\n  learning_rate: 1e-4x\n"))
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     sub = tmp_path / "proj"
     sub.mkdir()

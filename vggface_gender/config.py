@@ -189,7 +189,18 @@ def _copy(v):
 
 
 # --------------------------------------------------------------------------- validation
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as people write them: YAML 1.1 (PyYAML) takes
+    ``1e-4`` without a dot for a string, YAML 1.2 and everyone else for a number."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _where(source: Path | str | None) -> str:
@@ -233,8 +244,6 @@ def _coerce(spec: Field, value: Any, key: str, where: str, base_dir: Path) -> An
             raise bad("an integer")
         out = value
     elif kind == "float":
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a number")
         out = float(value)
@@ -321,7 +330,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value")
     key, raw = m.group(1), m.group(2)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, (dict,)) and key.split(".")[-1] != "class_dirs":
@@ -377,7 +386,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), cwd: str | 
         if not source.exists():
             raise ConfigError(f"{source}: config file not found")
         try:
-            raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+            raw = _load_yaml(source.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{source}: not valid YAML ({first})") from None

@@ -237,29 +237,42 @@ def test_base_json_describes_the_model_and_its_source(tmp_path, canonical):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base.json", "base.keras"]
 
 
-def _load_in_fresh_python(builtin_model, custom_model):
+def _load_in_fresh_python(builtin_model, custom_model, folder):
     """Load a built-in-only model with plain Keras, then one with custom layers after importing
-    them (both in safe mode, the default)."""
-    code = ("import keras\n"
+    them (both in safe mode, the default); save each one's output for ``folder/image.npy``."""
+    code = ("import keras, numpy as np\n"
+            f"image = np.load({str(folder / 'image.npy')!r})\n"
             f"m = keras.saving.load_model({str(builtin_model)!r})\n"
             "print('LAYERS', ','.join(l.name for l in m.layers))\n"
+            f"np.save({str(folder / 'builtin_out.npy')!r}, np.asarray(m(image[None, :m.input_shape[1], :m.input_shape[2]])))\n"
             "import vggface_gender.layers\n"
             f"m = keras.saving.load_model({str(custom_model)!r})\n"
-            "print('LAYERS', ','.join(l.name for l in m.layers))\n")
+            "print('LAYERS', ','.join(l.name for l in m.layers))\n"
+            f"np.save({str(folder / 'custom_out.npy')!r}, np.asarray(m(image[None, :m.input_shape[1], :m.input_shape[2]])))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=120)
 
 
-def test_saved_models_load_in_safe_mode_in_a_fresh_process(tmp_path):
+def test_saved_models_load_in_safe_mode_in_a_fresh_process_and_compute_the_same(tmp_path):
+    from vggface_gender import keras_model
+
     vgg = synthetic.write_vggface_mat(tmp_path / "vgg.mat", width=1 / 16, n_classes=12)
     conversion.convert(vgg, tmp_path / "vgg")
-    custom, _ = hc.write_small_net(tmp_path / "custom.mat", "pool_norm")
+    custom, size = hc.write_small_net(tmp_path / "custom.mat", "pool_norm")
     conversion.convert(custom, tmp_path / "custom")
-    done = _load_in_fresh_python(tmp_path / "vgg" / "base.keras", tmp_path / "custom" / "base.keras")
+    np.save(tmp_path / "image.npy", hc.random_image((224, 224), seed=3))
+    done = _load_in_fresh_python(tmp_path / "vgg" / "base.keras", tmp_path / "custom" / "base.keras", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     vgg_line, custom_line = [line for line in done.stdout.splitlines() if line.startswith("LAYERS")]
     assert vgg_line.endswith("fc7,relu7,fc8,softmax")
     assert "pool1" in custom_line and "norm2" in custom_line
+    # The saved files compute exactly what the models built in memory compute.
+    image = np.load(tmp_path / "image.npy")
+    for mat, input_size, name in ((vgg, (224, 224), "builtin"), (custom, size, "custom")):
+        model, _ = keras_model.build_model(matconvnet.read_net(mat), input_size)
+        x = image[: input_size[0], : input_size[1]][None]
+        expected = np.asarray(model(x))
+        assert np.array_equal(np.load(tmp_path / f"{name}_out.npy"), expected), name
 
 
 @pytest.mark.parametrize("fmt", ["v5", "v7.3"])

@@ -24,66 +24,20 @@ base.json (``format`` 1):
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import matconvnet
 from .errors import ImageError, ModelFileError
 from .workdir import WorkDir, atomic_path, write_json
 
 FORMAT = 1
-_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 MODEL_FILE, INFO_FILE = WorkDir(".").base_model.name, WorkDir(".").base_info.name  # base.keras, base.json
-
-
-class _Checksum(threading.Thread):
-    """SHA-256 of a file, computed in the background while the converted model is saved
-    (hashlib releases the GIL, and this second read of the file comes from the page cache)."""
-
-    def __init__(self, path: Path):
-        super().__init__(daemon=True)
-        self.path = path
-        self.digest: str | None = None
-        self.size = 0
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-        self._stop_requested = threading.Event()
-
-    def run(self):
-        start = time.perf_counter()
-        try:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                # Hash through read-only memory maps, a window at a time: no copy of the file's
-                # pages out of the page cache, and at most one window resident at once.
-                for offset in range(0, size, _WINDOW):
-                    if self._stop_requested.is_set():
-                        return
-                    length = min(_WINDOW, size - offset)
-                    with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as window:
-                        h.update(window)
-                    self.size += length
-            self.digest = h.hexdigest()
-        except BaseException as exc:  # reported by result()
-            self.error = exc
-        finally:
-            self.seconds = time.perf_counter() - start
-
-    def cancel(self):
-        self._stop_requested.set()
-
-    def result(self) -> tuple[str, int]:
-        self.join()
-        if self.error is not None or self.digest is None:
-            raise ModelFileError(f"{self.path}: cannot read for its checksum ({self.error})")
-        return self.digest, self.size
 
 
 def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
@@ -94,8 +48,7 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     (``normalization.imageSize``, then ``meta.inputSize``). Returns the base.json content.
     Both files are written atomically, after everything else succeeded: a bad file raises
     ``ModelFileError`` (one line naming it) and leaves nothing behind.
-    ``timings``, if given, receives seconds spent per step (load, build, transfer, save,
-    checksum, checksum_wait).
+    ``timings``, if given, receives seconds spent per step (load, build, save, checksum).
     """
     mat_path = Path(mat_path)
     out_dir = Path(out_dir)
@@ -116,19 +69,9 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     import keras
 
     start = time.perf_counter()
-    transfer_before = keras_model.TRANSFER_SECONDS[0]
-    progress = None
-    if verbose:
-        from .progress import Progress
-
-        bar = Progress(len(net.layers), desc="building layers")
-        progress = bar.update
-    model, built = keras_model.build_model(net, size, progress=progress)
-    if verbose:
-        bar.close()
-    elapsed = time.perf_counter() - start
-    timings["transfer"] = keras_model.TRANSFER_SECONDS[0] - transfer_before
-    timings["build"] = elapsed - timings["transfer"]
+    with tqdm(total=len(net.layers), desc="building layers", file=sys.stderr, disable=not verbose) as bar:
+        model, built = keras_model.build_model(net, size, progress=bar.update)
+    timings["build"] = time.perf_counter() - start
 
     info = {
         "format": FORMAT,
@@ -147,30 +90,30 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
         "keras_version": keras.__version__,
     }
     del net
-    # The checksum runs while the model is saved: saving is single-threaded, so the hash gets a core of
-    # its own. (Run beside the parse, it slowed the parse nearly as much as it cost.)
-    checksum = _Checksum(mat_path)
-    checksum.start()
     start = time.perf_counter()
     model_path, info_path = out_dir / MODEL_FILE, out_dir / INFO_FILE
     say(f"saving {model_path}")
-    try:
-        with atomic_path(model_path) as tmp_model:
-            keras_model.save_model(model, tmp_model)
-            saved = time.perf_counter()
-            digest, size_bytes = checksum.result()
-            timings["checksum_wait"] = time.perf_counter() - saved
-            timings["checksum"] = checksum.seconds
-            if _changed(mat_path, source_stat):
-                raise ModelFileError(f"{mat_path}: the file changed while it was being converted; "
-                                     f"convert it again")
-            info["source"].update(size_bytes=size_bytes, sha256=digest)
-            write_json(info_path, info)
-    except BaseException:
-        checksum.cancel()
-        raise
-    timings["save"] = time.perf_counter() - start - timings["checksum_wait"]
+    with atomic_path(model_path) as tmp_model:
+        keras_model.save_model(model, tmp_model)
+        timings["save"] = time.perf_counter() - start
+        start = time.perf_counter()
+        digest, size_bytes = _sha256(mat_path)
+        timings["checksum"] = time.perf_counter() - start
+        if _changed(mat_path, source_stat):
+            raise ModelFileError(f"{mat_path}: the file changed while it was being converted; "
+                                 f"convert it again")
+        info["source"].update(size_bytes=size_bytes, sha256=digest)
+        write_json(info_path, info)
     return info
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    """The file's SHA-256 (hex) and size in bytes."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read for its checksum ({exc})") from None
 
 
 def _changed(path: Path, before: os.stat_result) -> bool:

@@ -20,27 +20,15 @@ The model takes float32 ``(H, W, C)`` RGB images in 0-255. Layer by layer:
   ('valid', exact); padded pool: ``layers.MatConvNetPooling2D``; softmax: ``Softmax``; bnorm:
   ``BatchNormalization(epsilon=0)`` with variance = sigma^2; lrn: ``layers.LocalResponseNormalization``.
 
-Weight transfer is the expensive part of a conversion (580 MB for VGG-Face), so it avoids work:
-kernels are never initialised randomly (each layer is built with an initializer that hands over
-the converted array), MATLAB's column-major arrays are reordered once, in cache-friendly blocks,
-straight into a 64-byte-aligned buffer that TensorFlow adopts without a copy (DLPack), and each
-source array is released as soon as its layer holds it. Saving (``save_model``) avoids the same
-copies on the way out.
+Kernels are never initialised randomly: each layer is built with an initializer that hands over
+the converted array, reordered from MATLAB's column-major layout by the backend's transpose, and
+each source array is released as soon as its layer holds it, so peak memory stays near one copy
+of the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import mmap
-import os
-import shutil
-import tempfile
-import threading
-import time
-import zipfile
-from pathlib import Path
 
 import numpy as np
 
@@ -106,72 +94,16 @@ class _Names:
 
 
 # =========================================================================== weights
-_ALIGN = 64  # TensorFlow asserts this alignment on buffers it adopts
-TRANSFER_SECONDS = [0.0]  # time spent reordering weights, summed over conversions (for the bench)
+def to_c_order(array: np.ndarray, shape=None):
+    """A float32 backend tensor holding ``array``'s values in C order (then reshaped in C order).
 
-
-def _aligned_empty(shape, dtype=np.float32) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
-    itemsize = np.dtype(dtype).itemsize
-    raw = np.empty(count * itemsize + _ALIGN, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % _ALIGN
-    return raw[offset:offset + count * itemsize].view(dtype).reshape(shape)
-
-
-def to_c_order(array: np.ndarray, shape=None) -> np.ndarray:
-    """A float32, C-ordered, 64-byte-aligned copy of ``array`` (then reshaped in C order).
-
-    MATLAB arrays arrive column-major (F order). numpy's generic transposing copy of a large
-    4-D array thrashes the cache (~1.5 s for fc6 here); copying it in blocks of 64 output x 64
-    input channels keeps each block in cache (~4x faster), and two threads share the blocks
-    (numpy releases the GIL while copying).
+    MATLAB arrays arrive column-major (F order). Their ``.T`` is a C-ordered view with the axes
+    reversed; the backend's transpose (``keras.ops.transpose``, multi-threaded and cache-blocked
+    in TensorFlow) puts the axes back ~5x faster than numpy's copy of a large 4-D array.
     """
-    start = time.perf_counter()
-    out = _aligned_empty(array.shape)
-    if array.ndim == 4 and array.flags.f_contiguous and not array.flags.c_contiguous \
-            and array.nbytes > (1 << 22):
-        cout, cin = array.shape[3], array.shape[2]
-
-        def copy_blocks(first_out, last_out):
-            for o in range(first_out, last_out, _BLOCK):
-                source = array[..., o:o + _BLOCK]
-                for i in range(0, cin, _BLOCK):
-                    np.copyto(out[:, :, i:i + _BLOCK, o:o + _BLOCK], source[:, :, i:i + _BLOCK],
-                              casting="same_kind")
-
-        middle = (cout // 2 // _BLOCK) * _BLOCK
-        if middle and _pool() is not None:
-            other = _pool().submit(copy_blocks, middle, cout)
-            copy_blocks(0, middle)
-            other.result()
-        else:
-            copy_blocks(0, cout)
-    else:
-        np.copyto(out, array, casting="same_kind")
-    TRANSFER_SECONDS[0] += time.perf_counter() - start
-    return out if shape is None else out.reshape(shape)
-
-
-_BLOCK = 64
-_POOL = []
-
-
-def _pool():
-    """One helper thread for the weight copies (created on first use, when 2+ CPUs)."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="weights") if (os.cpu_count() or 1) > 1 else None)
-    return _POOL[0]
-
-
-def _as_backend_tensor(array: np.ndarray):
-    """Hand an aligned C-ordered array to the backend without a copy where possible."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-    return array
+    array = np.asarray(array)
+    tensor = keras.ops.transpose(np.asarray(array.T, dtype=np.float32), tuple(reversed(range(array.ndim))))
+    return tensor if shape is None else keras.ops.reshape(tensor, shape)
 
 
 class _Preset(keras.initializers.Initializer):
@@ -190,10 +122,10 @@ class _Preset(keras.initializers.Initializer):
         return value
 
 
-def _with_weights(layer, kernel: np.ndarray, bias: np.ndarray | None):
-    layer.kernel_initializer = _Preset(_as_backend_tensor(kernel))
+def _with_weights(layer, kernel, bias):
+    layer.kernel_initializer = _Preset(kernel)
     if bias is not None:
-        layer.bias_initializer = _Preset(_as_backend_tensor(bias))
+        layer.bias_initializer = _Preset(bias)
     return layer
 
 
@@ -341,177 +273,6 @@ def load_saved_model(path, what: str, stage_script: str, *, scope=None, compile:
 
 
 # =========================================================================== saving
-# The entries of a .keras archive, in the order Keras writes them.
-ARCHIVE_ENTRIES = ("metadata.json", "config.json", "model.weights.h5")
-_COPY_CHUNK = 8 << 20  # bytes handed to zipfile at a time (its CRC, then the write)
-
-
 def save_model(model, path) -> None:
-    """Write ``model`` to the ``.keras`` file ``path``: the entries ``model.save(path)`` writes.
-
-    Same entries with the same content, written by Keras itself (the tests compare them with
-    ``model.save``'s, weight by weight), in about a third of the time for VGG-Face's 580 MB of
-    weights. ``model.save`` copies each weight twice on its way to h5py (TensorFlow's ``.numpy()``,
-    then ``np.array``) and assembles the .h5 in memory (or, for large weights without psutil, in a
-    temporary file) before copying it into the zip. Here Keras writes its unzipped form
-    (``zipped=False``: config.json, metadata.json, model.weights.h5) into a temporary folder,
-    h5py reading each CPU variable's buffer in place (``_weights_as_views``), and the three files
-    are then stored, uncompressed as Keras does, into the zip in Keras' order. The folder is in
-    memory (``/dev/shm``) when it has room, else beside ``path`` (``_scratch_folder``); it is
-    removed as soon as its files are open, and one left by a killed process is removed by the
-    next save.
-
-    Falls back to a plain ``model.save(path)`` when the Keras at hand has no ``zipped``
-    argument, when a layer saves assets (lookup layers' vocabularies), or when the unzipped form
-    holds any other file. One save at a time per process (a lock), as the view patch is global.
-    """
-    path = Path(path).resolve()
-    if "zipped" not in inspect.signature(keras.saving.save_model).parameters \
-            or any(hasattr(layer, "save_assets") for layer in _all_layers(model)):
-        model.save(path)
-        return
-    with _SAVE_LOCK:
-        scratch = _scratch_folder(sum(_nbytes(w) for w in model.weights), path.parent)
-        folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", suffix=".tmp", dir=scratch))
-        try:
-            unzipped = folder / "model"
-            with _weights_as_views():
-                keras.saving.save_model(model, unzipped, zipped=False)
-            files = sorted(p.relative_to(unzipped).as_posix() for p in unzipped.rglob("*") if not p.is_dir())
-            if files != sorted(ARCHIVE_ENTRIES):  # Keras always leaves an empty assets/: no entry
-                model.save(path)
-                return
-            with contextlib.ExitStack() as stack:
-                sources = {name: stack.enter_context(open(unzipped / name, "rb")) for name in ARCHIVE_ENTRIES}
-                # Open files outlive their folder: remove it now, so that from here on nothing
-                # can be left behind in memory or on disk, whatever stops the process.
-                shutil.rmtree(folder, ignore_errors=True)
-                _store_in_zip(sources, path)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-_SAVE_LOCK = threading.Lock()
-MEMORY_SCRATCH = Path("/dev/shm")
-SCRATCH_PREFIX = "vggface_gender-save-"  # + the process id: see _remove_stale_scratch
-
-
-def _nbytes(variable) -> int:
-    return int(np.prod(variable.shape, dtype=np.int64)) * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
-
-
-def _scratch_folder(needed: int, fallback: Path) -> Path:
-    """Where the unzipped form goes: ``/dev/shm`` (memory) if it and the RAM have room for it
-    twice over, else ``fallback``. Writing ~600 MB to a disk file that is read back at once and
-    deleted costs 0.5-0.7 s more here than writing it to memory, for nothing."""
-    try:
-        if MEMORY_SCRATCH.is_dir() and os.access(MEMORY_SCRATCH, os.W_OK):
-            _remove_stale_scratch(MEMORY_SCRATCH)
-            stat = os.statvfs(MEMORY_SCRATCH)
-            available = _memory_available()
-            if stat.f_bavail * stat.f_frsize > 2 * needed + (64 << 20) and available is not None \
-                    and available > 4 * needed:
-                return MEMORY_SCRATCH
-    except OSError:
-        pass
-    return fallback
-
-
-def _remove_stale_scratch(scratch: Path) -> None:
-    """Remove scratch folders of saves whose process no longer runs (killed while Keras wrote)."""
-    for folder in scratch.glob(f"{SCRATCH_PREFIX}*"):
-        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _memory_available() -> int | None:
-    """Bytes of memory this process may still use: MemAvailable from /proc/meminfo, or less if a
-    (cgroup v2) container limit leaves less. None where neither can be read (not Linux)."""
-    available = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        return None
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available, int(limit) - used) if available is not None else int(limit) - used
-    return available
-
-
-def _all_layers(model):
-    """``model`` and every layer nested in it (in sub-models and inside custom layers)."""
-    flatten = getattr(model, "_flatten_layers", None)
-    if flatten is not None:
-        try:
-            return list(flatten(include_self=True, recursive=True))
-        except TypeError:  # pragma: no cover - another Keras signature
-            pass
-    found, stack = [], [model]
-    while stack:
-        layer = stack.pop()
-        found.append(layer)
-        stack.extend(getattr(layer, "layers", ()))
-    return found
-
-
-def _store_in_zip(sources: dict, path: Path) -> None:
-    """Store each open file of ``sources`` ({entry name: file}) uncompressed in a new zip at ``path``."""
-    stamp = time.localtime(time.time())[:6]
-    with open(path, "wb") as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, reader in sources.items():
-            entry = zipfile.ZipInfo(name, date_time=stamp)
-            entry.external_attr = 0o600 << 16  # what ZipFile.open(name, "w") gives Keras' entries
-            entry.file_size = os.fstat(reader.fileno()).st_size  # lets zipfile pick zip64 for > 2 GB
-            with archive.open(entry, "w") as writer:
-                if entry.file_size:
-                    # Straight from the page cache: zipfile's CRC and write read the mapped pages,
-                    # with no copy into a buffer of ours first.
-                    with mmap.mmap(reader.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
-                            memoryview(mapped) as view:
-                        for offset in range(0, entry.file_size, _COPY_CHUNK):
-                            writer.write(view[offset:offset + _COPY_CHUNK])
-
-
-@contextlib.contextmanager
-def _weights_as_views():
-    """While Keras saves (in this thread), give h5py a read-only view of each CPU variable's buffer.
-
-    Keras' h5 store turns each variable into numpy with ``backend.convert_to_numpy``, which for
-    TensorFlow is ``np.array(variable)``: a copy of a copy (~1 s for VGG-Face). A tensor read from
-    a variable on the CPU shares its buffer, and ``np.asarray`` of it is a view; h5py only reads it.
-    Everything else (other threads, GPU variables, scalars, non-variables) goes to Keras' own
-    function. If Keras' internals differ, nothing is patched and the save is only slower.
-    """
-    try:
-        from keras.src import backend as keras_backend
-
-        original = keras_backend.convert_to_numpy
-    except (ImportError, AttributeError):  # pragma: no cover - a Keras layout we do not know
-        yield
-        return
-    if keras.backend.backend() != "tensorflow":
-        yield
-        return
-    keras_backend.convert_to_numpy = functools.partial(_view_or_copy, original=original,
-                                                       thread=threading.get_ident())
-    try:
-        yield
-    finally:
-        keras_backend.convert_to_numpy = original
-
-
-def _view_or_copy(value, *, original, thread):
-    if isinstance(value, keras.Variable) and threading.get_ident() == thread:
-        import tensorflow as tf
-
-        tensor = tf.convert_to_tensor(value)
-        if tensor.shape.rank and "CPU" in tensor.device:
-            return np.asarray(tensor)
-    return original(value)
+    """Write ``model`` to the ``.keras`` file ``path`` (Keras' own ``model.save``)."""
+    model.save(path)

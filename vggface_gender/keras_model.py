@@ -94,15 +94,19 @@ class _Names:
 
 
 # =========================================================================== weights
-def to_c_order(array: np.ndarray, shape=None):
-    """A float32 backend tensor holding ``array``'s values in C order (then reshaped in C order).
+def take_c_order(weights: list, index: int, shape=None):
+    """``weights[index]`` as a float32 backend tensor in C order (then reshaped in C order).
 
-    MATLAB arrays arrive column-major (F order). Their ``.T`` is a C-ordered view with the axes
-    reversed; the backend's transpose (``keras.ops.transpose``, multi-threaded and cache-blocked
-    in TensorFlow) puts the axes back ~5x faster than numpy's copy of a large 4-D array.
+    The list's reference is dropped as soon as the backend holds a copy, so that (with no other
+    reference left) the source array is freed before the reordered copy is made. MATLAB arrays
+    arrive column-major (F order): their ``.T`` is a C-ordered view with the axes reversed, and
+    the backend's transpose (multi-threaded and cache-blocked in TensorFlow) puts the axes back
+    ~5x faster than numpy's copy of a large 4-D array.
     """
-    array = np.asarray(array)
-    tensor = keras.ops.transpose(np.asarray(array.T, dtype=np.float32), tuple(reversed(range(array.ndim))))
+    axes = tuple(reversed(range(weights[index].ndim)))
+    tensor = keras.ops.convert_to_tensor(np.asarray(weights[index].T, dtype=np.float32))
+    weights[index] = None
+    tensor = keras.ops.transpose(tensor, axes)
     return tensor if shape is None else keras.ops.reshape(tensor, shape)
 
 
@@ -136,15 +140,15 @@ def _reset_initializers(layer) -> None:
 
 
 # =========================================================================== the model
-def build_model(net: Net, input_size, *, release: bool = True, progress=None):
+def build_model(net: Net, input_size, *, progress=None):
     """Build the Keras model of ``net`` for ``(height, width)`` input.
 
     Returns ``(model, info)``; ``info`` holds ``layers`` (Keras layer names in order, input
     excluded), ``renamed``, ``average_image`` (``"per-channel"`` values, ``"full"`` or None) and
     ``output_shapes`` ({keras name: shape without batch}).
 
-    ``release=True`` empties each ``net`` layer's ``weights`` once its Keras layer holds them,
-    so peak memory stays near one copy of the weights. ``progress`` is called once per layer.
+    Consumes ``net``'s weights: each layer's ``weights`` is emptied once its Keras layer holds
+    them, so peak memory stays near one copy of the weights. ``progress`` is called once per layer.
     """
     input_size = (int(input_size[0]), int(input_size[1]))
     shapes = output_shapes(net, input_size)  # validates the chain before building anything
@@ -189,8 +193,7 @@ def build_model(net: Net, input_size, *, release: bool = True, progress=None):
                                                          name=name)(x)
         else:  # pragma: no cover - matconvnet.py only produces the types above
             raise AssertionError(kind)
-        if release:
-            layer.weights = []
+        layer.weights = []
         in_shape = out_shape
         if progress is not None:
             progress()
@@ -208,13 +211,12 @@ def build_model(net: Net, input_size, *, release: bool = True, progress=None):
 
 
 def _add_conv(x, layer, name, in_shape, flat, helper):
-    kernel, bias = layer.weights
-    kh, kw, cin, cout = kernel.shape
+    kh, kw, cin, cout = layer.weights[0].shape
     h, w, c = in_shape
     (sy, sx), (t, b, l, r), (dy, dx) = layer.params["stride"], layer.params["pad"], layer.params["dilate"]
     groups = c // cin
-    use_bias = bias is not None
-    bias_c = None if bias is None else to_c_order(bias)
+    use_bias = layer.weights[1] is not None
+    bias = take_c_order(layer.weights, 1) if use_bias else None
 
     covers_map = (kh, kw) == (h, w) and (t, b, l, r) == (0, 0, 0, 0) and groups == 1 \
         and (kh == 1 or dy == 1) and (kw == 1 or dx == 1)
@@ -223,7 +225,7 @@ def _add_conv(x, layer, name, in_shape, flat, helper):
         if not flat:
             x = keras.layers.Flatten(name=helper(name + FLATTEN))(x)
         dense = keras.layers.Dense(cout, use_bias=use_bias, name=name)
-        _with_weights(dense, to_c_order(kernel, (kh * kw * cin, cout)), bias_c)
+        _with_weights(dense, take_c_order(layer.weights, 0, (kh * kw * cin, cout)), bias)
         return dense(x), True
 
     if flat:
@@ -238,7 +240,7 @@ def _add_conv(x, layer, name, in_shape, flat, helper):
         cout, (kh, kw), strides=(1, 1) if dilated_stride else (sy, sx), padding=padding,
         dilation_rate=(dy, dx), groups=groups, use_bias=use_bias,
         name=helper(name + DILATED) if dilated_stride else name)
-    _with_weights(conv, to_c_order(kernel), bias_c)
+    _with_weights(conv, take_c_order(layer.weights, 0), bias)
     x = conv(x)
     if dilated_stride:
         # Keras refuses stride > 1 with dilation > 1: a dilated conv at stride 1, then keep every

@@ -117,15 +117,10 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
 
     start = time.perf_counter()
     transfer_before = keras_model.TRANSFER_SECONDS[0]
-    progress = None
-    if verbose:
-        from .progress import Progress
+    from .progress import Progress
 
-        bar = Progress(len(net.layers), desc="building layers")
-        progress = bar.update
-    model, built = keras_model.build_model(net, size, progress=progress)
-    if verbose:
-        bar.close()
+    with Progress(len(net.layers), desc="building layers", enabled=verbose) as bar:
+        model, built = keras_model.build_model(net, size, progress=bar.update)
     elapsed = time.perf_counter() - start
     timings["transfer"] = keras_model.TRANSFER_SECONDS[0] - transfer_before
     timings["build"] = elapsed - timings["transfer"]

@@ -219,13 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("faces", "photos"), default=None)
     parser.add_argument("--model-threads", type=int, default=None,
                         help="confine the model's kernels to this many cores (TensorFlow intra-op threads)")
-    parser.add_argument("--decode-niceness", type=int, default=None,
-                        help="override tf_images.DECODE_NICENESS (0: decoding at the model's priority)")
     args = parser.parse_args(argv)
-    if args.decode_niceness is not None:
-        from vggface_gender import tf_images
-
-        tf_images.DECODE_NICENESS = args.decode_niceness
     if args.model_threads:
         import tensorflow as tf  # must be set before TensorFlow runs anything
 

@@ -10,8 +10,6 @@ import reference_forward
 from vggface_gender import synthetic
 from vggface_gender.images import ImagePolicy, load_image
 
-pytest.importorskip("keras")
-
 
 def run(capsys, tmp_path, mat_path, *extra):
     code = model_conversion.main(["--set", f"model.mat_path={mat_path}",

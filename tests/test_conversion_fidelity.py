@@ -8,6 +8,7 @@ with H and W swapped, and fc6 flattened in Fortran order.
 
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -16,7 +17,6 @@ import reference_forward
 from conftest import ROOT
 from vggface_gender import conversion, synthetic
 
-keras = pytest.importorskip("keras")
 
 SMALL_TOL = 1e-5
 VGG_TOL = 1e-4

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
@@ -16,8 +17,6 @@ from conftest import ROOT
 from vggface_gender import conversion, matconvnet, synthetic
 from vggface_gender.errors import ModelFileError
 
-keras = pytest.importorskip("keras")
-pytest.importorskip("hdf5storage")
 
 
 def convert(mat, out, input_size=None):

@@ -10,17 +10,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
-conversion = pytest.importorskip("vggface_gender.conversion")
-pytest.importorskip("vggface_gender.training")
-
-import data_preprocess  # noqa: E402
-import model_conversion  # noqa: E402
-import predict  # noqa: E402
-import train  # noqa: E402
-from vggface_gender import images, synthetic  # noqa: E402
+import data_preprocess
+import model_conversion
+import predict
+import train
+from vggface_gender import conversion, images, synthetic
 
 
 def test_four_stages_then_predict_agrees_with_images(tmp_path, capsys):

@@ -160,9 +160,10 @@ def test_trainable_from_caches_below_it_and_trains_the_unfrozen_layers(project):
 
 # --------------------------------------------------------------------------- bad input
 def _assert_failed_cleanly(project, capsys, code, *needles):
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()  # progress lines may precede the error
     assert code == 1
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    err = [line for line in lines if line.startswith("error: ")]
+    assert len(err) == 1 and lines[-1] == err[0] and not any("Traceback" in line for line in lines), lines
     for needle in needles:
         assert needle in err[0], err[0]
     leftovers = [p for p in project.outputs() if p.parent.name != "features" and "features" not in p.parts]

@@ -7,7 +7,7 @@ wrappers; the logic lives here, one module per concern:
 - ``cli``        shared argument parsing and one-line error reporting for the scripts
 - ``errors``     the exception types that become one-line errors
 - ``workdir``    where each stage writes, and atomic writes
-- ``progress``   a small dependency-free progress bar
+- ``progress``   progress bars (tqdm) for terminals, log files and notebooks; Keras `verbose`
 - ``images``     the one image loader (decode, orientation, colour, resize)
 - ``dataset``    sampling and splitting the class folders
 - ``matconvnet`` reading MatConvNet SimpleNN ``.mat`` files (v5 and v7.3)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
+from .progress import Progress
 from .workdir import fsync_file, write_json
 
 CACHE_FORMAT = 1
@@ -40,12 +40,9 @@ _STALE_TEMP_SECONDS = 6 * 3600  # a temporary entry this old belongs to a run th
 
 
 # --------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def keras_model_sha256(path: str | os.PathLike) -> str:
@@ -222,7 +219,6 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
     Under a ``MirroredStrategy`` each batch is split over the replicas and gathered back in
     order. A bad image stops the pass with an ``ImageError`` naming the file.
     """
-    import keras
     import tensorflow as tf
 
     from .tf_images import image_dataset, pipeline_options
@@ -245,16 +241,14 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
         def step(images):
             return model(images, training=False)
 
-    bar = keras.utils.Progbar(n, verbose=verbose, unit_name="image")
-    sys.stderr.flush()
-    print(f"Extracting {desc}: {n} images", flush=True)
     done = 0
-    for images in dataset:
-        values = step(images).numpy()
-        trap.check()
-        out[done:done + len(values)] = values
-        done += len(values)
-        bar.update(done)
+    with Progress(n, f"extracting {desc}", enabled=bool(verbose)) as bar:
+        for images in dataset:
+            values = step(images).numpy()
+            trap.check()
+            out[done:done + len(values)] = values
+            done += len(values)
+            bar.update(len(values))
     trap.check()
     if done != n:  # pragma: no cover - the pipeline yields every row
         raise RuntimeError(f"extracted {done} of {n} images")

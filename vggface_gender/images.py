@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 # Register exactly the decoders DECODE_FORMATS names (Image.open(formats=...) needs them loaded).
 from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin,  # noqa: F401
                  TiffImagePlugin, WebPImagePlugin)
@@ -42,16 +42,6 @@ _RESAMPLE = {
 DECODE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF")
 _JPEG_FORMATS = ("JPEG", "MPO")  # the JPEG decoder opens cameras' multi-picture files as MPO
 
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 # We convert palette transparency to RGBA ourselves; Pillow's advice to do so is noise here.
@@ -138,8 +128,8 @@ def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Imag
             # Image.open is lazy: load() decodes every byte now, so a truncated file raises
             # here (LOAD_TRUNCATED_IMAGES is False) instead of yielding grey padding.
             img.load()
-            if orientation in _ORIENTATION_TRANSPOSE:
-                img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
+            if orientation != 1:
+                ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
     except ImageError:
         raise
@@ -169,7 +159,7 @@ def _exc_text(exc: BaseException) -> str:
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation (1 = upright). A damaged EXIF block is ignored: the pixels are fine."""
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
         return int(value) if int(value) in range(1, 9) else 1
     except Exception:
         return 1

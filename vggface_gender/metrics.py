@@ -11,13 +11,11 @@ Undefined values (an AUC with one class only, a recall with no example of that c
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Sequence
 
 import numpy as np
 
-Z95 = 1.959963984540054  # the two-sided 95% normal quantile, scipy.stats.norm.ppf(0.975)
 UNKNOWN = "(unknown)"  # the group value of a file that the group rule does not cover
 
 
@@ -37,21 +35,19 @@ def _validate(y_true, probs, classes) -> tuple[np.ndarray, np.ndarray]:
     return y_true.astype(np.int64), probs
 
 
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
     """Wilson score interval for a proportion (95% by default); ``None`` when ``n == 0``.
 
     Unlike the normal approximation it stays inside [0, 1] and behaves at 0% and 100%.
     """
+    from scipy.stats import binomtest
+
     if n <= 0:
         return None
     if not 0 <= successes <= n:
         raise ValueError(f"successes must be in 0..{n}, got {successes}")
-    p = successes / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def bootstrap_auc_interval(is_positive, scores, n_resamples: int, seed: int,

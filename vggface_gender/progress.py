@@ -1,58 +1,75 @@
-"""A small progress bar (stderr) for loops that take more than a few seconds.
+"""Progress for loops that take more than a few seconds, in a terminal, a log file or a notebook.
 
-Dependency-free on purpose: ``data_preprocess.py`` must start fast and import neither
-TensorFlow nor anything heavy. Redraws at most ~10 times a second; prints a single final
-line when stderr is not a terminal (logs, CI), so logs stay short.
+``Progress(total, desc, stream=..., enabled=...)`` is a ``tqdm.auto`` bar: a widget in a notebook
+with ipywidgets; text elsewhere, redrawn in place in a terminal and in a notebook without
+ipywidgets (its output area understands ``\\r``); in a log file or pipe, a line when the loop
+starts, one at most every ``LOG_INTERVAL`` seconds and one at the end, each a line of its own.
+``keras_verbose()`` is the matching ``verbose`` for Keras' ``fit``.
+
+tqdm imports neither TensorFlow nor anything heavy, so ``data_preprocess.py`` still starts fast.
 """
 
 from __future__ import annotations
 
 import sys
-import time
+import warnings
+
+LOG_INTERVAL = 10.0  # seconds between progress lines in a log file
 
 
-class Progress:
-    def __init__(self, total: int | None, desc: str = "", stream=None, enabled: bool = True):
-        self.total = total
-        self.desc = desc
-        self.n = 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.start = time.monotonic()
-        self._last_draw = 0.0
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+def in_notebook() -> bool:
+    """True inside an IPython kernel (Jupyter, Colab), whose output area is a live display."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:  # pragma: no cover - an IPython that cannot say
+        return False
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self.enabled and self._tty:
-            now = time.monotonic()
-            if now - self._last_draw >= 0.1 or (self.total and self.n >= self.total):
-                self._last_draw = now
-                self.stream.write("\r" + self._line())
-                self.stream.flush()
 
-    def _line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
-        if self.total:
-            frac = min(1.0, self.n / self.total)
-            bar = "#" * int(frac * 24)
-            eta = (self.total - self.n) / rate if rate > 0 else 0.0
-            return (f"{self.desc}: [{bar:<24}] {self.n}/{self.total} "
-                    f"{rate:.1f}/s eta {eta:.0f}s ")
-        return f"{self.desc}: {self.n} {rate:.1f}/s "
+def keras_verbose(stream=None) -> int:
+    """``verbose`` for ``keras.Model.fit``: 1 (a live bar) in a terminal or a notebook, 2 (one
+    line per epoch) when output goes to a file or pipe. Keras alone picks 1 for any POSIX
+    process, which fills a log file with a redraw per step."""
+    return 1 if in_notebook() or _isatty(stream or sys.stdout) else 2
 
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.start
-        end = f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" in {elapsed:.1f}s"
-        self.stream.write(("\r" if self._tty else "") + end + " " * 10 + "\n")
+
+class _Lines:
+    """A log file's view of a tqdm bar: each redraw (``\\r`` + text) becomes a line of its own.
+    tqdm has no line mode, and a file full of carriage returns reads as one endless line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
-        self.enabled = False
+
+
+def Progress(total: int | None, desc: str = "", stream=None, enabled: bool = True):
+    """A ``tqdm.auto`` bar on ``stream`` (stderr by default); a silent one when not ``enabled``.
+
+    Use it as a context manager (it closes on the way out, also on an error), with
+    ``.update(n)`` and ``.close()``.
+    """
+    with warnings.catch_warnings():
+        # Without ipywidgets tqdm.auto warns ("IProgress not found") and falls back to its text
+        # bar, which a notebook shows fine and updates in place: the warning is noise to a user.
+        warnings.filterwarnings("ignore", message=".*IProgress not found.*")
+        from tqdm.auto import tqdm
+
+    stream = stream or sys.stderr
+    live = _isatty(stream) or in_notebook()
+    return tqdm(total=total, desc=desc, file=stream if live else _Lines(stream), disable=not enabled,
+                mininterval=0.1 if live else LOG_INTERVAL, dynamic_ncols=live, ascii=None if live else True)

@@ -26,7 +26,6 @@ import csv
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from . import features
 from .errors import DataError, ModelFileError, PipelineError
 from .features import Split
 from .images import resolve_policy
+from .progress import keras_verbose
 from .workdir import WorkDir, atomic_paths, read_json, require
 
 DATA_STAGE = "data_preprocess.py"
@@ -263,7 +263,7 @@ def run_stage(cfg, args=None) -> dict:
     fingerprint = features.image_fingerprint(splits)  # every listed image is still there
     policy = resolve_policy(cfg, base_info)
     classes = cfg.classes
-    verbose = 1 if sys.stdout.isatty() else 2
+    verbose = keras_verbose()  # 1 in a terminal or notebook, 2 in a log file
 
     import keras
 

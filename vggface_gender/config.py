@@ -66,7 +66,7 @@ def _schema() -> dict:
             "dedup": Field("choice", "near", choices=("exact", "near"),
                            help="exact: identical files only; near: also the same photo re-encoded, "
                                 "resized, mirrored or recoloured (perceptual hash)"),
-            "near_threshold": Field("int", 36, minimum=0, maximum=256,
+            "near_threshold": Field("int", 36, minimum=0, maximum=128,
                                     help="near: largest Hamming distance (of 256 bits) between two "
                                          "photos' perceptual hashes that makes them near-duplicates"),
             "groups": Field("str", None, optional=True,

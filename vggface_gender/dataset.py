@@ -508,7 +508,7 @@ def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, thr
                 k += 1
             bar.update(len(batch_results))
     members = candidates[ok]
-    uf, pairs, refused = grouping.link_near(hashes[ok], threshold)
+    uf, pairs, refused, (n_pairs, n_refused) = grouping.link_near(hashes[ok], threshold)
     del hashes
     roots = uf.roots()
     near_root = np.arange(len(paths), dtype=np.int64)
@@ -536,7 +536,8 @@ def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, thr
         "threshold": threshold,
         "max_group_size": grouping.MAX_NEAR_GROUP,
         "hashed": int(members.size),
-        "pairs_found": len(pairs),
+        "pairs_found": n_pairs,
+        "links_refused_count": n_refused,
         "links_refused": [[paths[members[a]], paths[members[b]], d] for a, b, d in refused],
         "groups_count": len(listed),
         "images_in_groups": sum(len(g) for g in listed),

@@ -36,6 +36,7 @@ HASH_SIZE = 16                      # pHash of 16 x 16 = 256 bits
 HASH_BYTES = HASH_SIZE * HASH_SIZE // 8
 HASH_DECODE = images.ImagePolicy((4 * HASH_SIZE, 4 * HASH_SIZE), "crop")  # draft: >= 64 px a side
 MAX_NEAR_GROUP = 16                 # largest near-duplicate group a link may make
+MAX_LISTED = 10_000                 # pairs kept for summary.json (all are counted)
 METHOD = f"imagehash.phash(hash_size={HASH_SIZE}) of the image and of its mirror; Hamming distance"
 
 
@@ -117,23 +118,30 @@ class UnionFind:
 
 
 def link_near(hashes: np.ndarray, threshold: int, cap: int = MAX_NEAR_GROUP):
-    """Union-find of the near-duplicate links; ``(uf, pairs, refused)``.
+    """Union-find of the near-duplicate links; ``(uf, pairs, refused, [n_pairs, n_refused])``.
 
-    ``pairs``: ``(i, j, distance)`` of every pair found (linked or not); ``refused``: the pairs
-    not linked because the group would have grown past ``cap``.
+    ``pairs``: ``(i, j, distance)`` of the pairs found (linked or not); ``refused``: the pairs
+    not linked because the group would have grown past ``cap``. Each list keeps its first
+    ``MAX_LISTED`` entries (memory stays bounded whatever the threshold); the counts are complete.
     """
     n = hashes.shape[0]
     uf = UnionFind(n)
     pairs: list[tuple[int, int, int]] = []
     refused: list[tuple[int, int, int]] = []
 
+    counts = [0, 0]  # pairs found, links refused (the lists keep the first MAX_LISTED of each)
+
     def link(a: int, b: int, d: int) -> None:
-        pairs.append((a, b, d))
+        counts[0] += 1
+        if len(pairs) < MAX_LISTED:
+            pairs.append((a, b, d))
         if not uf.union(a, b, cap):
-            refused.append((a, b, d))
+            counts[1] += 1
+            if len(refused) < MAX_LISTED:
+                refused.append((a, b, d))
 
     if n == 0:
-        return uf, pairs, refused
+        return uf, pairs, refused, counts
     # Identical hashes first (a photo re-saved often hashes the same): each is linked to the first
     # row with that hash, and only the distinct hashes are compared pairwise.
     rows = np.ascontiguousarray(hashes).view(np.dtype((np.void, hashes.shape[1]))).ravel()
@@ -147,7 +155,7 @@ def link_near(hashes: np.ndarray, threshold: int, cap: int = MAX_NEAR_GROUP):
     for i, j, dist in near_pairs(hashes[leaders], threshold):
         for a, b, d in zip(leaders[i].tolist(), leaders[j].tolist(), dist.tolist()):
             link(a, b, d)
-    return uf, pairs, refused
+    return uf, pairs, refused, counts
 
 
 # --------------------------------------------------------------------------- data.groups

@@ -47,7 +47,7 @@ def perceptual_hash(path) -> bytes | str:
     from PIL import Image
 
     try:
-        grey = images.open_rgb(path, HASH_DECODE).convert("L")
+        grey = images.open_grey(path, HASH_DECODE)
     except ImageError as exc:
         text, prefix = str(exc), f"{path}: "
         return text[len(prefix):] if text.startswith(prefix) else text
@@ -72,8 +72,8 @@ def near_pairs(hashes: np.ndarray, threshold: int, block_elements: int = 1 << 21
         stop = start + rows
         a = plain[start:stop, None, :]
         cols = slice(start + 1, n)
-        d = np.bitwise_count(a ^ plain[None, cols]).sum(-1, dtype=np.uint16)
-        np.minimum(d, np.bitwise_count(a ^ mirror[None, cols]).sum(-1, dtype=np.uint16), out=d)
+        d = _bits_set(a ^ plain[None, cols])
+        np.minimum(d, _bits_set(a ^ mirror[None, cols]), out=d)
         r, c = np.nonzero(d <= threshold)
         i, j = r + start, c + start + 1
         keep = j > i
@@ -82,6 +82,17 @@ def near_pairs(hashes: np.ndarray, threshold: int, block_elements: int = 1 << 21
             order = np.lexsort((j, dist, i))
             yield i[order], j[order], dist[order]
         start = stop
+
+
+_POPCOUNT8 = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+
+
+def _bits_set(x: np.ndarray) -> np.ndarray:
+    """Set bits of each row of uint64 words along the last axis (uint16)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).sum(-1, dtype=np.uint16)
+    x = np.ascontiguousarray(x)
+    return _POPCOUNT8[x.view(np.uint8)].sum(-1, dtype=np.uint16)
 
 
 class UnionFind:

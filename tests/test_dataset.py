@@ -826,3 +826,21 @@ def test_real_faces_altered_copies_stay_with_their_originals(tmp_path):
             assert len(per_class(rows["test"], label)) == 250
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the altered copies are derived from the faces
+
+
+def test_perceptual_hash_is_imagehash_phash_of_the_grey_image_and_its_mirror(tmp_path):
+    import imagehash
+    from vggface_gender import grouping, images
+    img = pattern_image(5, size=200)
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "a.jpg", quality=90)
+    grey = images.open_grey(tmp_path / "a.png", grouping.HASH_DECODE)
+    assert np.array_equal(np.asarray(grey), np.asarray(images.open_rgb(tmp_path / "a.png").convert("L")))
+    h = grouping.perceptual_hash(tmp_path / "a.png")
+    plain = np.packbits(imagehash.phash(grey, hash_size=16).hash).tobytes()
+    mirror = np.packbits(imagehash.phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), hash_size=16).hash).tobytes()
+    assert h == plain + mirror
+    jpeg = images.open_grey(tmp_path / "a.jpg", grouping.HASH_DECODE)
+    assert jpeg.mode == "L" and min(jpeg.size) >= 64  # drafted, never below 64 px a side
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    assert "not an image" in grouping.perceptual_hash(tmp_path / "bad.jpg")

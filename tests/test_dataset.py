@@ -129,6 +129,12 @@ def test_default_counts_800_200_250(tmp_path):
     assert code == 0
     for label in ("female", "male"):
         assert [len(per_class(rows[s], label)) for s in SPLITS] == [800, 200, 250]
+    # data.dedup: near decodes every candidate once (for its perceptual hash) ...
+    assert summary["pool"]["female"]["unused_not_verified"] == 0
+    assert summary["pool"]["male"]["decode_verified"] == 1251
+    # ... 'exact' decodes only the drawn images
+    code, rows, summary = run(tmp_path, "data.dedup=exact", work="exact")
+    assert code == 0
     assert summary["pool"]["female"]["unused_not_verified"] == 10
     assert summary["pool"]["male"]["decode_verified"] == 1250
 

@@ -226,9 +226,9 @@ def run_stage(cfg, args=None) -> dict:
     unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
     for c, cls in enumerate(classes):
         reports[cls].unique = len(unique[c])
-    near_root, near_info = None, None
+    near_root, near_info, decoded = None, None, np.zeros(n, dtype=bool)
     if data.dedup == "near":
-        unique, near_root, near_info = _near_duplicates(
+        unique, near_root, near_info, decoded = _near_duplicates(
             paths, labels, unique, classes, root, skipped, reports, data.near_threshold,
             workers or _cpu_count(), quiet)
 
@@ -246,14 +246,14 @@ def run_stage(cfg, args=None) -> dict:
             # Fail before decoding the other classes; decoding this short pool (cheaper than a
             # successful run) makes the error's count of usable images exact.
             drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, reports[cls], [],
-                          verify_workers, quiet=True)
+                          verify_workers, quiet=True, decoded=decoded)
             raise _too_few(root / folders[cls], cls, reports[cls],
                            _size(drawn["test"]) + _size(drawn["sample"]), test_n, sample_n)
         _check_enough_groups(units[cls], root / folders[cls], cls, test_n, sample_n, data.val_fraction)
     for c, cls in enumerate(classes):
         report = reports[cls]
         drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, report, skipped,
-                      verify_workers, quiet)
+                      verify_workers, quiet, decoded)
         largest = max((sum(len(sub) for sub in unit) for unit in units[cls]), default=1)
         slack = largest - 1  # whole groups: a count may fall short by less than one group
         got = {"test": _size(drawn["test"]), "sample": _size(drawn["sample"])}
@@ -508,6 +508,8 @@ def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, thr
                 k += 1
             bar.update(len(batch_results))
     members = candidates[ok]
+    for i in members.tolist():  # decoded completely (at a reduced DCT scale) by the one loader
+        reports[classes[lab[i]]].verified += 1
     uf, pairs, refused, (n_pairs, n_refused) = grouping.link_near(hashes[ok], threshold)
     del hashes
     roots = uf.roots()
@@ -546,7 +548,9 @@ def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, thr
         "pairs": [[paths[members[a]], paths[members[b]], d] for a, b, d in pairs],
     }
     lab_keep = [np.flatnonzero(keep & (lab == c)) for c in range(len(classes))]
-    return lab_keep, near_root, info
+    decoded = np.zeros(len(paths), dtype=bool)
+    decoded[members] = True
+    return lab_keep, near_root, info, decoded
 
 
 def _units(order, paths, near_root, rule, folder, info, cls) -> list[list[list[int]]]:
@@ -608,13 +612,16 @@ def _check_enough_groups(units, folder, cls, test_n, sample_n, val_fraction) -> 
 _MAX_PASSES = 64  # groups too large for the remaining count passed over in a row before stopping
 
 
-def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet) -> dict:
+def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet,
+          decoded=None) -> dict:
     """Walk the units in order, taking decodable images: the test set first (unless it is 'all').
 
     Returns ``{"test": [...], "sample": [...]}``, lists of taken units (lists of file indices).
     A sample unit is taken whole; a test unit gives one image per near-duplicate set (the others
     are reported). A unit that would overshoot the count is passed over (offered again to the
     next split), so counts hold exactly where the groups allow, else to within one group.
+    ``decoded``: files already decoded completely by the loader (near-duplicate hashing reads
+    every byte, at a reduced DCT scale) and counted as verified: not decoded again.
     """
     position = 0
     deferred: list[int] = []  # unit numbers passed over, offered first to the next take
@@ -622,6 +629,10 @@ def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, q
 
     def verify(batch_units) -> None:
         todo = [i for u in batch_units for sub in units[u] for i in sub if i not in problems]
+        if decoded is not None:
+            for i in (i for i in todo if decoded[i]):
+                problems[i] = None
+            todo = [i for i in todo if not decoded[i]]
         outcomes = _ordered_map(lambda i: _verify(root / paths[i]), todo, workers)
         for i, problem in zip(todo, outcomes):
             problems[i] = problem

@@ -9,6 +9,10 @@ The stage (``run_stage``), in order:
 3. **Deduplicate**: identical files within a class keep one copy (the first path in sorted
    order); identical files filed under more than one class are dropped altogether (their label
    is unknowable). Every dropped copy is reported. So no content can reach two splits.
+   With ``data.dedup: near`` every candidate is also decoded once (small, by the one loader) for
+   a perceptual hash, and near-duplicate photos (re-encoded, resized, mirrored, recoloured) are
+   linked into capped groups (``grouping``); that decode also serves as the decode check.
+   ``data.groups`` adds the user's groups (e.g. one per person). A group never crosses splits.
 4. **Order** each class's unique images by ``sha256(seed, content hash)``: a random order that
    depends only on the seed and the images themselves, not on file names, the folder's listing
    order, the platform or library versions. Adding images to a folder does not reshuffle the
@@ -19,7 +23,9 @@ The stage (``run_stage``), in order:
    drawn images (and their replacements) are decoded. A ``test_per_class`` of ``all`` means
    "every usable image not in the sample": then the sample is drawn first.
 6. **Split** each class's sample into validation (``round(n * val_fraction)``, the first in the
-   order) and training: stratified by construction.
+   order) and training: stratified by construction. Groups are drawn whole (the test set keeps
+   one image per near-duplicate set); one too large for what a split still needs is passed over,
+   so counts hold exactly where the groups allow, else to within one group's size.
 7. **Write** ``work_dir/splits/{train,val,test}.csv`` (``path,label,sha256``; path relative to
    ``data.root`` with ``/`` separators; rows sorted by class, then path) and ``summary.json``,
    each atomically. No timestamps: the same images, config and seed give byte-identical files.

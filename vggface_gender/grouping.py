@@ -12,7 +12,8 @@ Pairs are linked with a union-find whose groups never grow past ``MAX_NEAR_GROUP
 that would make a larger group is refused (and counted), so a loose threshold cannot chain
 hundreds of photos into one group. Pairs are found by comparing every hash with every later one,
 a block of rows at a time (memory stays flat; time grows with the square of the number of
-distinct hashes: 1.2 s for the 18 million pairs of 6000 photos on one core); identical hashes are linked first.
+distinct hashes: 1.2 s for the 18 million pairs of 6000 photos on one core); identical hashes
+are linked first.
 
 **Groups** (``data.groups``): a regular expression with at least one named group, searched in
 each image's path below its class folder (``alice/001.jpg``; the named groups' text is the group

@@ -821,13 +821,14 @@ def test_real_faces_altered_copies_stay_with_their_originals(tmp_path):
         assert code == 0
         near = summary["near_duplicates"]
         exact = {s["path"] for s in summary["skipped"] if s["reason"] in ("duplicate", "in more than one class")}
+        copies = {b for _, b in planted}
         planted = [(a, b) for a, b in planted if a not in exact]  # an original dropped as an exact copy
         check_pairs_kept_together(planted, rows, summary)
-        copies = {b for _, b in planted}
         flagged = [(a, b, d) for a, b, d in near["pairs"] if a not in copies and b not in copies]
         print(f"\nnear-duplicate pairs among the originals: {len(flagged)} "
               f"(threshold {near['threshold']}); groups {near['groups_count']}")
-        assert len(flagged) <= 100  # UTKFace has true duplicates; distinct faces are far apart
+        # 37 at threshold 36, all of them the same photo twice (README); distinct faces are far apart
+        assert len(flagged) <= 60
         for label in ("female", "male"):
             assert len(per_class(rows["test"], label)) == 250
     finally:

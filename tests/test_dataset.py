@@ -823,6 +823,7 @@ def test_real_faces_altered_copies_stay_with_their_originals(tmp_path):
         exact = {s["path"] for s in summary["skipped"] if s["reason"] in ("duplicate", "in more than one class")}
         copies = {b for _, b in planted}
         planted = [(a, b) for a, b in planted if a not in exact]  # an original dropped as an exact copy
+        assert len(planted) >= 200
         check_pairs_kept_together(planted, rows, summary)
         flagged = [(a, b, d) for a, b, d in near["pairs"] if a not in copies and b not in copies]
         print(f"\nnear-duplicate pairs among the originals: {len(flagged)} "

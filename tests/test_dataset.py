@@ -129,6 +129,12 @@ def test_default_counts_800_200_250(tmp_path):
     assert code == 0
     for label in ("female", "male"):
         assert [len(per_class(rows[s], label)) for s in SPLITS] == [800, 200, 250]
+    # data.dedup: near decodes every candidate once (for its perceptual hash) ...
+    assert summary["pool"]["female"]["unused_not_verified"] == 0
+    assert summary["pool"]["male"]["decode_verified"] == 1251
+    # ... 'exact' decodes only the drawn images
+    code, rows, summary = run(tmp_path, "data.dedup=exact", work="exact")
+    assert code == 0
     assert summary["pool"]["female"]["unused_not_verified"] == 10
     assert summary["pool"]["male"]["decode_verified"] == 1250
 
@@ -545,6 +551,306 @@ def test_real_faces(tmp_path):
     assert len(hashes) == len(set(hashes)) == 2500
     # Exact duplicates exist in this sample (data README): found and reported, not used twice.
     assert summary["skipped_counts"].get("duplicate", 0) > 0
-    assert all(s["reason"] in ("duplicate", "in more than one class") for s in summary["skipped"])
+    assert all(s["reason"] in ("duplicate", "in more than one class", "near-duplicate")
+               for s in summary["skipped"])
     assert {p.name: p.stat().st_mtime_ns for p in sorted((FACES / "male").iterdir())[:50]} == before
     assert not any(tmp_path.rglob("*.jpg"))  # nothing copied
+
+
+# --------------------------------------------------------------------------- near-duplicates
+def pattern_image(index, size=96):
+    """A smooth random colour pattern unique to ``index`` (a perceptual hash tells them apart)."""
+    rng = np.random.default_rng(10_000 + index)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.zeros((size, size, 3))
+    for _ in range(6):
+        fx, fy = rng.uniform(-5, 5, 2)
+        out += np.sin(2 * np.pi * (fx * xx + fy * yy)[..., None] + rng.uniform(0, 2 * np.pi, 3))
+    out = (out - out.min()) / (out.max() - out.min()) * 220 + 15
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def altered(img, rng):
+    """Re-encoded (JPEG 60-95), resized 0.6-1.5x, maybe mirrored, brightness +-10%: JPEG bytes."""
+    from PIL import ImageEnhance
+    w, h = img.size
+    scale = rng.uniform(0.6, 1.5)
+    out = img.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.9, 1.1))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=int(rng.integers(60, 96)))
+    return buf.getvalue()
+
+
+def make_patterns(root, counts, copies=0, seed=0):
+    """Distinct patterns per folder, plus altered copies of the first ``copies`` of each folder.
+
+    Returns ``[(original, copy), ...]`` as paths relative to ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    index, planted = 0, []
+    for folder, n in counts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = pattern_image(index)
+            img.save(root / folder / f"p_{i:04d}.png")
+            if i < copies:
+                (root / folder / f"z_copy_{i:04d}.jpg").write_bytes(altered(img, rng))
+                planted.append((f"{folder}/p_{i:04d}.png", f"{folder}/z_copy_{i:04d}.jpg"))
+            index += 1
+    return planted
+
+
+def split_of(rows):
+    return {r[0]: s for s in SPLITS for r in rows[s]}
+
+
+def check_pairs_kept_together(planted, rows, summary):
+    """Every planted pair is one near-duplicate group and never in two splits (nor twice in test)."""
+    where = split_of(rows)
+    group_of = {p: k for k, g in enumerate(summary["near_duplicates"]["groups"]) for p in g}
+    for original, copy in planted:
+        assert original in group_of and group_of[original] == group_of.get(copy), (original, copy)
+        splits = {where.get(original), where.get(copy)} - {None}
+        assert len(splits) <= 1, (original, copy, splits)
+        assert not (where.get(original) == where.get(copy) == "test")
+
+
+def test_near_duplicates_stay_together_and_test_keeps_one(tmp_path):
+    planted = make_patterns(tmp_path / "data", {"female": 60, "male": 60}, copies=20)
+    write_config(tmp_path, sample_per_class=40, test_per_class=20)
+    code, rows, summary = run(tmp_path)
+    assert code == 0
+    check_pairs_kept_together(planted, rows, summary)
+    near = summary["near_duplicates"]
+    assert near["groups_count"] == 40 and near["images_in_groups"] == 80 and not near["links_refused"]
+    assert all(d <= near["threshold"] for _, _, d in near["pairs"])
+    for label in ("female", "male"):  # whole pairs in train/val; counts exact where groups allow
+        assert len(per_class(rows["test"], label)) == 20
+        assert len(per_class(rows["train"] + rows["val"], label)) == 40
+    in_test = {r[0] for r in rows["test"]}
+    unused = [s for s in summary["skipped"] if s["reason"] == "near-duplicate"]
+    assert unused and all(s["detail"].split(" ")[2] in in_test for s in unused)
+    assert summary["config"]["data"]["dedup"] == "near"
+
+
+def test_dedup_exact_behaves_as_before(tmp_path):
+    # Planted copies are different files: 'exact' treats them as distinct images, as before.
+    planted = make_patterns(tmp_path / "data", {"female": 30, "male": 30}, copies=10)
+    write_config(tmp_path, sample_per_class=20, test_per_class=10)
+    code, rows, summary = run(tmp_path, "data.dedup=exact")
+    assert code == 0 and summary["near_duplicates"] is None and summary["groups"] is None
+    assert "near-duplicate" not in summary["skipped_counts"]
+    assert sum(len(rows[s]) for s in SPLITS) == 60
+    where = split_of(rows)
+    assert any(where.get(a) != where.get(b) for a, b in planted)  # not grouped: they scatter
+    # Without any near-duplicates, 'exact' and 'near' give the same manifests, and both give the
+    # plain seeded order: the test set is the first 10 images of each class by content key.
+    for folder in ("female", "male"):
+        for p in (tmp_path / "data" / folder).glob("z_copy_*"):
+            p.unlink()
+    assert run(tmp_path, "data.dedup=exact", "data.test_per_class=5", work="e")[0] == 0
+    assert run(tmp_path, "data.test_per_class=5", work="n")[0] == 0
+    for name in ("train.csv", "val.csv", "test.csv"):
+        assert (tmp_path / "e" / "splits" / name).read_bytes() == (tmp_path / "n" / "splits" / name).read_bytes()
+
+
+def test_near_duplicates_across_classes_are_dropped(tmp_path):
+    make_patterns(tmp_path / "data", {"female": 12, "male": 12})
+    img = Image.open(tmp_path / "data" / "female" / "p_0003.png").convert("RGB")
+    (tmp_path / "data" / "male" / "looks_female.jpg").write_bytes(altered(img, np.random.default_rng(1)))
+    write_config(tmp_path, sample_per_class="all", test_per_class=0)
+    code, rows, summary = run(tmp_path)
+    assert code == 0
+    used = set(split_of(rows))
+    assert "female/p_0003.png" not in used and "male/looks_female.jpg" not in used
+    both = {s["path"] for s in summary["skipped"] if s["reason"] == "in more than one class"}
+    assert both == {"female/p_0003.png", "male/looks_female.jpg"}
+    assert summary["near_duplicates"]["groups_in_both_classes_dropped"] == [
+        ["female/p_0003.png", "male/looks_female.jpg"]]
+
+
+def test_a_loose_threshold_cannot_chain_hundreds_of_images():
+    from vggface_gender import grouping
+    h = np.random.default_rng(3).integers(0, 256, (300, 2 * grouping.HASH_BYTES), dtype=np.uint8)
+    uf, pairs, refused, counts = grouping.link_near(h, 256)  # every pair "matches"
+    sizes = np.bincount(uf.roots())
+    assert counts[0] == 300 * 299 // 2 and counts[1] >= len(refused) > 0
+    assert sizes.max() == grouping.MAX_NEAR_GROUP and sizes.sum() == 300
+
+
+def test_near_group_linking_unit():
+    from vggface_gender import grouping
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 256, (60, 2 * grouping.HASH_BYTES), dtype=np.uint8)
+    h[7] = h[3]
+    h[11] = h[2]
+    h[11, 0] ^= 0b111                                         # 3 bits from 2
+    h[20, :grouping.HASH_BYTES] = h[5, grouping.HASH_BYTES:]  # 20 is 5's mirror image
+    h[20, grouping.HASH_BYTES:] = h[5, :grouping.HASH_BYTES]
+    uf, pairs, refused, counts = grouping.link_near(h, 4)
+    assert counts == [3, 0]
+    assert sorted((a, b) for a, b, _ in pairs) == [(2, 11), (3, 7), (5, 20)] and not refused
+    roots = uf.roots()
+    assert roots[7] == roots[3] == 3 and roots[11] == 2 and roots[20] == 5
+    assert len(set(roots.tolist())) == 57
+    # a block size that splits the rows differently finds the same pairs
+    small = [tuple(x) for i, j, d in grouping.near_pairs(h, 4, block_elements=64) for x in zip(i, j, d)]
+    big = [tuple(x) for i, j, d in grouping.near_pairs(h, 4) for x in zip(i, j, d)]
+    assert small == big
+
+
+# --------------------------------------------------------------------------- data.groups
+def make_people(root, per_class_people, images_each):
+    """``<class>/<person>/img_k.png``; every image distinct (noise) so only the rule groups them."""
+    index = 0
+    for folder in ("female", "male"):
+        for person in range(per_class_people):
+            for k in range(images_each[person % len(images_each)]):
+                write_image(root / folder / f"person{person:03d}" / f"img_{k}.png", index)
+                index += 1
+
+
+def check_groups_in_one_split(rows, key):
+    seen = {}
+    for s in SPLITS:
+        for r in rows[s]:
+            assert seen.setdefault(key(r[0]), s) == s, (r[0], s, seen[key(r[0])])
+
+
+@pytest.mark.parametrize("form", ["regex", "csv"])
+def test_groups_never_cross_splits_and_counts_hold(tmp_path, form):
+    make_people(tmp_path / "data", 30, [1, 2, 3, 4, 5])  # 90 images per class, groups of 1-5
+    write_config(tmp_path, sample_per_class=40, test_per_class=15, dedup="exact")
+    if form == "regex":
+        spec = "'^(?P<person>[^/]+)/'"
+    else:
+        lines = ["path,group"] + [f"{p.relative_to(tmp_path / 'data').as_posix()},{p.parent.name}"
+                                  for p in sorted((tmp_path / "data").rglob("*.png"))]
+        (tmp_path / "people.csv").write_text("\n".join(lines) + "\n")
+        spec = "people.csv"  # beside the config file
+    with open(tmp_path / "config.yaml", "a") as f:
+        f.write(f"  groups: {spec}\n")
+    for seed in range(3):
+        code, rows, summary = run(tmp_path, f"seed={seed}", work=f"w{seed}")
+        assert code == 0
+        check_groups_in_one_split(rows, lambda p: tuple(p.split("/")[:2]))
+        for label in ("female", "male"):
+            counts = {s: len(per_class(rows[s], label)) for s in SPLITS}
+            assert 15 - 4 <= counts["test"] <= 15            # within one group's size (5)
+            assert 40 - 4 <= counts["train"] + counts["val"] <= 40
+            assert abs(counts["val"] - 0.2 * (counts["train"] + counts["val"])) <= 5
+        info = summary["groups"]["per_class"]["male"]
+        assert info["groups"] == 30 and info["images_not_matched"] == 0 and info["largest_group"] == 5
+
+
+def test_groups_unmatched_images_are_their_own_group(tmp_path):
+    make_people(tmp_path / "data", 6, [3])
+    make_folders(tmp_path / "data", {"female": 8, "male": 8}, start=500)  # img_XXXX.png, no folder
+    write_config(tmp_path, sample_per_class=10, test_per_class=4, dedup="exact")
+    code, rows, summary = run(tmp_path, "data.groups=^(?P<person>person\\d+)/")
+    assert code == 0
+    check_groups_in_one_split(rows, lambda p: tuple(p.split("/")[:2]) if "person" in p else p)
+    assert summary["groups"]["per_class"]["female"]["images_not_matched"] == 8
+
+
+def test_too_few_groups_is_one_clear_line(tmp_path, capsys):
+    make_people(tmp_path / "data", 2, [20])  # 2 people per class, 40 images each
+    write_config(tmp_path, sample_per_class=10, test_per_class=5, dedup="exact")
+    code, rows, _ = run(tmp_path, "data.groups=^(?P<person>[^/]+)/")
+    err = error_of(capsys)
+    assert code == 1 and rows == {}
+    assert "too few groups for class 'female'" in err and "2 group(s)" in err and "need at least 3" in err
+
+
+def test_bad_group_rules_and_dedup_values_are_config_errors(data30, capsys):
+    assert run(data30, "data.groups=no_named_group")[0] == 1
+    assert "data.groups" in error_of(capsys)
+    assert run(data30, "data.groups=(?P<x>[")[0] == 1
+    assert "not a valid regular expression" in error_of(capsys)
+    assert run(data30, "data.groups=missing.csv")[0] == 1
+    assert "missing.csv not found" in error_of(capsys)
+    (data30 / "bad.csv").write_text("file,person\nx,y\n")
+    assert run(data30, f"data.groups={data30 / 'bad.csv'}")[0] == 1
+    assert "'path' and 'group'" in error_of(capsys)
+    assert run(data30, "data.dedup=fuzzy")[0] == 1
+    err = error_of(capsys)
+    assert "data.dedup" in err and "exact, near" in err
+    (data30 / "config.yaml").write_text("data:\n  near_threshold: -1\n")
+    assert run(data30)[0] == 1
+    err = error_of(capsys)
+    assert "data.near_threshold" in err and "config.yaml" in err
+
+
+def test_hash_file_matches_hashlib_and_reports_problems(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * (1 << 20) + 17))
+    assert dataset._hash_file(str(big)) == hashlib.sha256(big.read_bytes()).digest()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert dataset._hash_file(str(tmp_path / "empty.jpg")) == dataset.EMPTY
+    assert dataset._hash_file(str(tmp_path / "nope.jpg")).startswith("cannot read (")
+
+
+# --------------------------------------------------------------------------- near-duplicates, real faces
+def _faces_present():
+    return (FACES / "male").is_dir() and (FACES / "female").is_dir()
+
+
+@pytest.mark.real_faces
+@pytest.mark.skipif(not _faces_present(), reason="../shared/data/faces not present")
+def test_real_faces_altered_copies_stay_with_their_originals(tmp_path):
+    """240 UTKFace crops get an altered copy each (JPEG 60-95, 0.6-1.5x, mirror or not, +-10%
+    brightness), among all 6000 originals (linked, not copied). Every copy is grouped with its
+    original and never in another split; the pairs flagged among the originals are counted."""
+    rng = np.random.default_rng(12)
+    root = tmp_path / "data"
+    planted = []
+    try:
+        for cls in ("female", "male"):
+            originals = sorted((FACES / cls).glob("*.jpg"))
+            (root / cls).mkdir(parents=True)
+            for p in originals:
+                (root / cls / p.name).symlink_to(p)
+            for k in rng.choice(len(originals), 120, replace=False).tolist():
+                src = originals[k]
+                copy = root / cls / f"zz_altered_{k:04d}.jpg"
+                copy.write_bytes(altered(Image.open(src).convert("RGB"), rng))
+                planted.append((f"{cls}/{src.name}", f"{cls}/{copy.name}"))
+        write_config(tmp_path, sample_per_class="all", test_per_class=250)
+        code, rows, summary = run(tmp_path)
+        assert code == 0
+        near = summary["near_duplicates"]
+        exact = {s["path"] for s in summary["skipped"] if s["reason"] in ("duplicate", "in more than one class")}
+        copies = {b for _, b in planted}
+        planted = [(a, b) for a, b in planted if a not in exact]  # an original dropped as an exact copy
+        assert len(planted) >= 200
+        check_pairs_kept_together(planted, rows, summary)
+        flagged = [(a, b, d) for a, b, d in near["pairs"] if a not in copies and b not in copies]
+        print(f"\nnear-duplicate pairs among the originals: {len(flagged)} "
+              f"(threshold {near['threshold']}); groups {near['groups_count']}")
+        # 37 at threshold 36, all of them the same photo twice (README); distinct faces are far apart
+        assert len(flagged) <= 60
+        for label in ("female", "male"):
+            assert len(per_class(rows["test"], label)) == 250
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the altered copies are derived from the faces
+
+
+def test_perceptual_hash_is_imagehash_phash_of_the_grey_image_and_its_mirror(tmp_path):
+    import imagehash
+    from vggface_gender import grouping, images
+    img = pattern_image(5, size=200)
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "a.jpg", quality=90)
+    grey = images.open_grey(tmp_path / "a.png", grouping.HASH_DECODE)
+    assert np.array_equal(np.asarray(grey), np.asarray(images.open_rgb(tmp_path / "a.png").convert("L")))
+    h = grouping.perceptual_hash(tmp_path / "a.png")
+    plain = np.packbits(imagehash.phash(grey, hash_size=16).hash).tobytes()
+    mirror = np.packbits(imagehash.phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), hash_size=16).hash).tobytes()
+    assert h == plain + mirror
+    jpeg = images.open_grey(tmp_path / "a.jpg", grouping.HASH_DECODE)
+    assert jpeg.mode == "L" and min(jpeg.size) >= 64  # drafted, never below 64 px a side
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    assert "not an image" in grouping.perceptual_hash(tmp_path / "bad.jpg")

@@ -63,6 +63,15 @@ def _schema() -> dict:
                                   help="validation share of each class's sample (stratified)"),
             "test_per_class": Field("count", 250, help="held-out test images per class"),
             "allow_fewer": Field("bool", False, help="accept fewer images than requested instead of failing"),
+            "dedup": Field("choice", "near", choices=("exact", "near"),
+                           help="exact: identical files only; near: also the same photo re-encoded, "
+                                "resized, mirrored or recoloured (perceptual hash)"),
+            "near_threshold": Field("int", 36, minimum=0, maximum=128,
+                                    help="near: largest Hamming distance (of 256 bits) between two "
+                                         "photos' perceptual hashes that makes them near-duplicates"),
+            "groups": Field("str", None, optional=True,
+                            help="keep groups in one split: a regex with a named group searched in "
+                                 "each path below its class folder, or a CSV file (path,group)"),
         },
         "images": {
             "resize": Field("choice", "stretch", choices=("stretch", "crop", "pad"),

@@ -9,6 +9,10 @@ The stage (``run_stage``), in order:
 3. **Deduplicate**: identical files within a class keep one copy (the first path in sorted
    order); identical files filed under more than one class are dropped altogether (their label
    is unknowable). Every dropped copy is reported. So no content can reach two splits.
+   With ``data.dedup: near`` every candidate is also decoded once (small, by the one loader) for
+   a perceptual hash, and near-duplicate photos (re-encoded, resized, mirrored, recoloured) are
+   linked into capped groups (``grouping``); that decode also serves as the decode check.
+   ``data.groups`` adds the user's groups (e.g. one per person). A group never crosses splits.
 4. **Order** each class's unique images by ``sha256(seed, content hash)``: a random order that
    depends only on the seed and the images themselves, not on file names, the folder's listing
    order, the platform or library versions. Adding images to a folder does not reshuffle the
@@ -19,7 +23,9 @@ The stage (``run_stage``), in order:
    drawn images (and their replacements) are decoded. A ``test_per_class`` of ``all`` means
    "every usable image not in the sample": then the sample is drawn first.
 6. **Split** each class's sample into validation (``round(n * val_fraction)``, the first in the
-   order) and training: stratified by construction.
+   order) and training: stratified by construction. Groups are drawn whole (the test set keeps
+   one image per near-duplicate set); one too large for what a split still needs is passed over,
+   so counts hold exactly where the groups allow, else to within one group's size.
 7. **Write** ``work_dir/splits/{train,val,test}.csv`` (``path,label,sha256``; path relative to
    ``data.root`` with ``/`` separators; rows sorted by class, then path) and ``summary.json``,
    each atomically. No timestamps: the same images, config and seed give byte-identical files.
@@ -36,7 +42,6 @@ import io
 import math
 import os
 import sys
-import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +50,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import images
+from . import grouping, images
 from .config import ALL
 from .errors import ConfigError, DataError, ImageError
 from .progress import Progress
@@ -65,8 +70,8 @@ EMPTY = "empty file"
 DUPLICATE = "duplicate"
 IN_BOTH_CLASSES = "in more than one class"
 UNDECODABLE = "undecodable"
+NEAR_DUPLICATE = "near-duplicate"
 
-_CHUNK = 1 << 20  # hashing read size: large files stream through a fixed buffer
 _HASH_BATCH = 32  # files per hashing task
 _ORDER_DOMAIN = b"vggface_gender.dataset.order\0"
 
@@ -142,6 +147,7 @@ class _ClassReport:
     unreadable: int = 0
     verified: int = 0
     undecodable: int = 0
+    near_duplicates: int = 0
     counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -155,6 +161,7 @@ class _ClassReport:
             "unreadable_or_empty": self.unreadable,
             "decode_verified": self.verified,
             "undecodable": self.undecodable,
+            "near_duplicates_unused": self.near_duplicates,
             "used": used,
             "unused_not_verified": self.unique - self.verified,
         }
@@ -176,6 +183,7 @@ def run_stage(cfg, args=None) -> dict:
         raise ConfigError(f"{where}: data.test_per_class and data.sample_per_class cannot both be "
                           f"'all' (which one gets the images?)")
     folders = _check_folders(cfg, root, classes, where)
+    rule = grouping.group_rule(cfg)  # a bad regex or CSV fails before any work
     if images_truncation_allowed():
         print("warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated "
               "images will not be detected", file=sys.stderr)
@@ -220,42 +228,65 @@ def run_stage(cfg, args=None) -> dict:
             bar.update(len(batch_results))
     digest_rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)  # a view, no copy
 
-    # 3. deduplicate
+    # 3. deduplicate: identical files, then (data.dedup: near) near-duplicate photos
     unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
+    for c, cls in enumerate(classes):
+        reports[cls].unique = len(unique[c])
+    near_root, near_info, decoded = None, None, np.zeros(n, dtype=bool)
+    if data.dedup == "near":
+        unique, near_root, near_info, decoded = _near_duplicates(
+            paths, labels, unique, classes, root, skipped, reports, data.near_threshold,
+            workers or _cpu_count(), quiet)
 
-    # 4.-6. order, draw with verification, split
+    # 4.-6. order (in groups), draw with verification, split
     rows: dict[str, list[tuple[str, str, str]]] = {s: [] for s in SPLITS}
     warnings: list[str] = []
     verify_workers = workers or _cpu_count()
     needed = sum(x for x in (test_n, sample_n) if x != ALL)
+    units: dict[str, list] = {}
+    group_info = {"rule": rule.describe if rule else None, "per_class": {}}
     for c, cls in enumerate(classes):
-        reports[cls].unique = len(unique[c])
+        order = _ordered(unique[c], digest_rows, cfg.seed)
+        units[cls] = _units(order, paths, near_root, rule, folders[cls], group_info["per_class"], cls)
         if len(unique[c]) < needed and not data.allow_fewer:
             # Fail before decoding the other classes; decoding this short pool (cheaper than a
             # successful run) makes the error's count of usable images exact.
-            order = _ordered(unique[c], digest_rows, cfg.seed)
-            drawn = _draw(order, test_n, sample_n, paths, root, cls, reports[cls], [],
-                          verify_workers, quiet=True)
+            drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, reports[cls], [],
+                          verify_workers, quiet=True, decoded=decoded)
             raise _too_few(root / folders[cls], cls, reports[cls],
-                           len(drawn["test"]) + len(drawn["sample"]), test_n, sample_n)
+                           _size(drawn["test"]) + _size(drawn["sample"]), test_n, sample_n)
+        _check_enough_groups(units[cls], root / folders[cls], cls, test_n, sample_n, data.val_fraction)
     for c, cls in enumerate(classes):
         report = reports[cls]
-        order = _ordered(unique[c], digest_rows, cfg.seed)
-        drawn = _draw(order, test_n, sample_n, paths, root, cls, report, skipped,
-                      verify_workers, quiet)
-        usable = len(drawn["test"]) + len(drawn["sample"])
-        if usable < needed and not data.allow_fewer:
+        drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, report, skipped,
+                      verify_workers, quiet, decoded)
+        largest = max((sum(len(sub) for sub in unit) for unit in units[cls]), default=1)
+        slack = largest - 1  # whole groups: a count may fall short by less than one group
+        got = {"test": _size(drawn["test"]), "sample": _size(drawn["sample"])}
+        usable = got["test"] + got["sample"]
+        short = any(requested != ALL and got[split] < requested - slack
+                    for split, requested in (("test", test_n), ("sample", sample_n)))
+        if short and not data.allow_fewer:
             raise _too_few(root / folders[cls], cls, report, usable, test_n, sample_n)
         if not usable and (needed or ALL in (test_n, sample_n)):
             raise DataError(f"{root / folders[cls]}: no usable images for class '{cls}' "
                             f"({report.image_files} image files, none both unique and decodable)")
         for split, requested in (("test", test_n), ("sample", sample_n)):
-            if requested != ALL and len(drawn[split]) < requested:
-                warnings.append(f"class '{cls}': {len(drawn[split])} {split} images, "
-                                f"{requested} requested (data.allow_fewer is true)")
+            if requested != ALL and got[split] < requested:
+                why = ("data.allow_fewer is true" if got[split] < requested - slack else
+                       f"whole groups of up to {largest} images")
+                warnings.append(f"class '{cls}': {got[split]} {split} images, "
+                                f"{requested} requested ({why})")
         sample = drawn["sample"]
-        n_val = math.floor(len(sample) * data.val_fraction + 0.5)
-        chosen = {"val": sample[:n_val], "train": sample[n_val:], "test": drawn["test"]}
+        n_val = math.floor(_size(sample) * data.val_fraction + 0.5)
+        val, train, in_val = [], [], 0
+        for unit in sample:  # in the seeded order; a group goes to validation if it fits
+            if in_val + len(unit) <= n_val:
+                val.extend(unit)
+                in_val += len(unit)
+            else:
+                train.extend(unit)
+        chosen = {"val": val, "train": train, "test": [i for unit in drawn["test"] for i in unit]}
         for split in SPLITS:
             report.counts[split] = len(chosen[split])
             rows[split].extend(sorted((paths[i], cls, digest_rows[i].tobytes().hex())
@@ -265,7 +296,8 @@ def run_stage(cfg, args=None) -> dict:
                 warnings.append(f"class '{cls}': the {split} split is empty")
 
     # 7. write
-    return _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet)
+    return _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet,
+                          near_info, group_info if rule else None)
 
 
 def images_truncation_allowed() -> bool:
@@ -359,33 +391,19 @@ def _utf8(text: str) -> bool:
         return False
 
 
-_thread_state = threading.local()
-
-
 def _hash_file(path: str) -> bytes | str:
     """SHA-256 digest of the file's bytes, or the reason it cannot be read (``EMPTY`` if empty).
 
-    Reads through one fixed buffer per thread: memory stays flat whatever the file sizes, and
-    hashlib releases the GIL on large updates, so threads help on large files.
+    ``hashlib.file_digest`` reads through one fixed buffer (memory stays flat whatever the file
+    sizes) and releases the GIL while hashing, so threads help on large files.
     """
-    buffer = getattr(_thread_state, "buffer", None)
-    if buffer is None:
-        buffer = _thread_state.buffer = memoryview(bytearray(_CHUNK))
-    digest = hashlib.sha256()
-    total = 0
     try:
         with open(path, "rb", buffering=0) as f:
-            while True:
-                n = f.readinto(buffer)
-                if not n:
-                    break
-                digest.update(buffer[:n])
-                total += n
+            digest = hashlib.file_digest(f, "sha256")
+            size = f.tell()  # file_digest read up to the end
     except OSError as exc:
         return f"cannot read ({exc.strerror or type(exc).__name__})"
-    if total == 0:
-        return EMPTY
-    return digest.digest()
+    return digest.digest() if size else EMPTY
 
 
 def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
@@ -462,36 +480,228 @@ def _ordered(members: np.ndarray, digest_rows: np.ndarray, seed: int) -> np.ndar
     return members[np.lexsort((members, keys))]
 
 
-def _draw(order, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet) -> dict:
-    """Walk ``order``, taking decodable images: the test set first (unless it is 'all')."""
-    position = 0
+def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, threshold, workers,
+                     quiet):
+    """Perceptual hashes of every candidate, near-duplicate links (``grouping``), cross-class drops.
 
-    def take(count, bar) -> list[int]:
-        nonlocal position
-        want = order.size - position if count == ALL else count
-        taken: list[int] = []
-        while len(taken) < want and position < order.size:
-            # Verify exactly the shortfall (in parallel): results do not depend on threads.
-            batch = order[position: position + min(want - len(taken), 512)].tolist()
-            position += len(batch)
-            outcomes = _ordered_map(lambda i: _verify(root / paths[i]), batch, workers)
-            for i, problem in zip(batch, outcomes):
-                report.verified += 1
-                if problem is None:
-                    taken.append(i)
-                    bar.update()
-                else:
-                    report.undecodable += 1
-                    skipped.append(_Skip(paths[i], cls, UNDECODABLE, problem))
+    Returns ``(unique, near_root, info)``: the candidates still usable per class (a file that
+    cannot be decoded is reported now), ``near_root[i]``: the first file of ``i``'s near-duplicate
+    group (``i`` itself when alone), and the ``summary.json`` block.
+    """
+    lab = np.frombuffer(labels, dtype=np.uint8)
+    candidates = np.sort(np.concatenate(unique)) if unique else np.zeros(0, np.int64)
+    width = 2 * grouping.HASH_BYTES
+    hashes = np.zeros((candidates.size, width), dtype=np.uint8)
+    ok = np.zeros(candidates.size, dtype=bool)
+    root_text = os.fspath(root)
+    with Progress(candidates.size, "near-duplicate hashing", enabled=not quiet) as bar:
+        batches = (candidates[k: k + _HASH_BATCH].tolist() for k in range(0, candidates.size, _HASH_BATCH))
+        results = _ordered_map(
+            lambda batch: [grouping.perceptual_hash(os.path.join(root_text, paths[i])) for i in batch],
+            batches, workers)
+        k = 0
+        for batch_results in results:
+            for result in batch_results:
+                i = int(candidates[k])
+                cls = classes[lab[i]]
+                if isinstance(result, bytes):
+                    hashes[k] = np.frombuffer(result, dtype=np.uint8)
+                    ok[k] = True
+                else:  # decoded now, so reported now
+                    reports[cls].verified += 1
+                    reports[cls].undecodable += 1
+                    skipped.append(_Skip(paths[i], cls, UNDECODABLE, result))
+                k += 1
+            bar.update(len(batch_results))
+    members = candidates[ok]
+    for i in members.tolist():  # decoded completely (at a reduced DCT scale) by the one loader
+        reports[classes[lab[i]]].verified += 1
+    uf, pairs, refused, (n_pairs, n_refused) = grouping.link_near(hashes[ok], threshold)
+    del hashes
+    roots = uf.roots()
+    near_root = np.arange(len(paths), dtype=np.int64)
+    near_root[members] = members[roots]
+    groups: dict[int, list[int]] = {}
+    for local in np.flatnonzero(uf.size[roots] > 1).tolist():
+        groups.setdefault(int(members[roots[local]]), []).append(int(members[local]))
+    keep = np.zeros(len(paths), dtype=bool)
+    keep[members] = True
+    listed, crossing = [], []
+    for first, group in sorted(groups.items()):
+        names = [paths[i] for i in group]
+        if len({int(lab[i]) for i in group}) > 1:  # one photo filed under both classes
+            for i in group:
+                keep[i] = False
+                others = ", ".join(f"{paths[j]} ({classes[lab[j]]})" for j in group if j != i)
+                skipped.append(_Skip(paths[i], classes[lab[i]], IN_BOTH_CLASSES,
+                                     f"near-duplicate of {others}"))
+                reports[classes[lab[i]]].in_both_classes += 1
+            crossing.append(names)
+        else:
+            listed.append(names)
+    info = {
+        "method": grouping.METHOD,
+        "threshold": threshold,
+        "max_group_size": grouping.MAX_NEAR_GROUP,
+        "hashed": int(members.size),
+        "pairs_found": n_pairs,
+        "links_refused_count": n_refused,
+        "links_refused": [[paths[members[a]], paths[members[b]], d] for a, b, d in refused],
+        "groups_count": len(listed),
+        "images_in_groups": sum(len(g) for g in listed),
+        "groups": listed,
+        "groups_in_both_classes_dropped": crossing,
+        "pairs": [[paths[members[a]], paths[members[b]], d] for a, b, d in pairs],
+    }
+    lab_keep = [np.flatnonzero(keep & (lab == c)) for c in range(len(classes))]
+    decoded = np.zeros(len(paths), dtype=bool)
+    decoded[members] = True
+    return lab_keep, near_root, info, decoded
+
+
+def _units(order, paths, near_root, rule, folder, info, cls) -> list[list[list[int]]]:
+    """The draw units of one class, in the seeded order: each a group kept in one split, made of
+    near-duplicate sets (the test set keeps one image of each), each set's files in order.
+
+    A unit is the union of near-duplicate links and ``data.groups``; it comes in the order of its
+    first file, so with neither every file is a unit of its own, in the plain seeded order.
+    """
+    n = order.size
+    ids = order.tolist()
+    if near_root is None and rule is None:
+        return [[[i]] for i in ids]
+    uf = grouping.UnionFind(n)
+    first: dict = {}
+    unmatched = 0
+    keys_seen: set = set()
+    for p, i in enumerate(ids):
+        keys = [("near", int(near_root[i]))] if near_root is not None else []
+        if rule is not None:
+            key = rule.group_of(paths[i], folder)
+            if key is None:
+                unmatched += 1
+            else:
+                keys.append(("group", key))
+                keys_seen.add(key)
+        for key in keys:
+            if key in first:
+                uf.union(first[key], p)
+            else:
+                first[key] = p
+    roots = uf.roots()
+    by_root: dict[int, dict[int, list[int]]] = {}
+    for p, i in enumerate(ids):
+        sub = int(near_root[i]) if near_root is not None else i
+        by_root.setdefault(int(roots[p]), {}).setdefault(sub, []).append(i)
+    units = [list(subs.values()) for _, subs in sorted(by_root.items())]
+    if rule is not None:
+        sizes = [sum(len(s) for s in u) for u in units]
+        info[cls] = {"groups": len(units), "group_ids_matched": len(keys_seen),
+                     "images_not_matched": unmatched, "largest_group": max(sizes, default=0)}
+    return units
+
+
+def _size(units) -> int:
+    return sum(len(unit) for unit in units)
+
+
+def _check_enough_groups(units, folder, cls, test_n, sample_n, val_fraction) -> None:
+    """One group per non-empty split at least; else a one-line error."""
+    need = [name for name, wanted in (("test", test_n != 0), ("train", sample_n != 0),
+                                      ("validation", sample_n != 0 and val_fraction > 0)) if wanted]
+    if len(units) < len(need):
+        raise DataError(f"{folder}: too few groups for class '{cls}': {len(units)} group(s), the "
+                        f"splits need at least {len(need)} ({', '.join(need)}); use a finer "
+                        f"data.groups or add images")
+
+
+_MAX_PASSES = 64  # groups too large for the remaining count passed over in a row before stopping
+
+
+def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet,
+          decoded=None) -> dict:
+    """Walk the units in order, taking decodable images: the test set first (unless it is 'all').
+
+    Returns ``{"test": [...], "sample": [...]}``, lists of taken units (lists of file indices).
+    A sample unit is taken whole; a test unit gives one image per near-duplicate set (the others
+    are reported). A unit that would overshoot the count is passed over (offered again to the
+    next split), so counts hold exactly where the groups allow, else to within one group.
+    ``decoded``: files already decoded completely by the loader (near-duplicate hashing reads
+    every byte, at a reduced DCT scale) and counted as verified: not decoded again.
+    """
+    position = 0
+    deferred: list[int] = []  # unit numbers passed over, offered first to the next take
+    problems: dict[int, str | None] = {}
+
+    def verify(batch_units) -> None:
+        todo = [i for u in batch_units for sub in units[u] for i in sub if i not in problems]
+        if decoded is not None:
+            for i in (i for i in todo if decoded[i]):
+                problems[i] = None
+            todo = [i for i in todo if not decoded[i]]
+        outcomes = _ordered_map(lambda i: _verify(root / paths[i]), todo, workers)
+        for i, problem in zip(todo, outcomes):
+            problems[i] = problem
+            report.verified += 1
+            if problem is not None:
+                report.undecodable += 1
+                skipped.append(_Skip(paths[i], cls, UNDECODABLE, problem))
+
+    def take(count, one_per_set: bool, bar) -> list[list[int]]:
+        nonlocal position, deferred
+        want = math.inf if count == ALL else count
+        taken: list[list[int]] = []
+        n_taken = passes = 0
+        passed: list[int] = []
+        while n_taken < want and passes < _MAX_PASSES:
+            shortfall = want - n_taken
+            limit = 512 if count == ALL else int(min(shortfall, 512))
+            if deferred:
+                batch, deferred = deferred[:limit], deferred[limit:]
+            elif position < len(units):
+                batch = list(range(position, min(len(units), position + limit)))
+                position = batch[-1] + 1
+            else:
+                break
+            verify(batch)
+            for k, u in enumerate(batch):
+                if n_taken >= want or passes >= _MAX_PASSES:
+                    deferred = sorted(deferred + batch[k:])
+                    break
+                good = [[i for i in sub if problems[i] is None] for sub in units[u]]
+                good = [sub for sub in good if sub]
+                items = [sub[0] for sub in good] if one_per_set else [i for sub in good for i in sub]
+                if not items:
+                    continue
+                if n_taken + len(items) > want:
+                    passed.append(u)
+                    passes += 1
+                    continue
+                passes = 0
+                taken.append(items)
+                n_taken += len(items)
+                bar.update(len(items))
+                if one_per_set:
+                    for sub in good:
+                        for i in sub[1:]:
+                            report.near_duplicates += 1
+                            skipped.append(_Skip(paths[i], cls, NEAR_DUPLICATE,
+                                                 f"near-duplicate of {paths[sub[0]]} (in the test "
+                                                 f"set, which keeps one image per group)"))
+        deferred = sorted(deferred + passed)
         return taken
 
-    total = order.size if ALL in (test_n, sample_n) else min(order.size, test_n + sample_n)
+    total = _size_all(units) if ALL in (test_n, sample_n) else min(_size_all(units), test_n + sample_n)
     with Progress(total, f"verifying {cls}", enabled=not quiet) as bar:
         if test_n == ALL:
-            sample = take(sample_n, bar)
-            return {"sample": sample, "test": take(ALL, bar)}
-        test = take(test_n, bar)
-        return {"test": test, "sample": take(sample_n, bar)}
+            sample = take(sample_n, False, bar)
+            return {"sample": sample, "test": take(ALL, True, bar)}
+        test = take(test_n, True, bar)
+        return {"test": test, "sample": take(sample_n, False, bar)}
+
+
+def _size_all(units) -> int:
+    return sum(len(sub) for unit in units for sub in unit)
 
 
 def _verify(path: Path) -> str | None:
@@ -529,7 +739,8 @@ def _manifest_text(rows: list[tuple[str, str, str]]) -> str:
     return buffer.getvalue()
 
 
-def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet) -> dict:
+def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_info=None,
+                   group_info=None) -> dict:
     wd = WorkDir(cfg.work_dir)
     manifests = {}
     for split in SPLITS:
@@ -552,6 +763,9 @@ def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet) -> dic
                 "val_fraction": data.val_fraction,
                 "test_per_class": data.test_per_class,
                 "allow_fewer": data.allow_fewer,
+                "dedup": data.dedup,
+                "near_threshold": data.near_threshold,
+                "groups": data.groups,
             },
             "seed": cfg.seed,
         },
@@ -563,6 +777,8 @@ def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet) -> dic
         "skipped": [s.to_dict() for s in skipped_sorted],
         "warnings": warnings,
         "manifests": manifests,
+        "near_duplicates": near_info,
+        "groups": group_info,
     }
     # summary.json last: when it is there and matches, the manifests beside it are complete.
     write_json(wd.split_summary, summary)

@@ -113,6 +113,18 @@ def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Imag
     With a policy, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
     leaves at least the pixels the policy's resize needs.
     """
+    return _open(path, policy, grey=False)
+
+
+def open_grey(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Image.Image:
+    """``open_rgb`` then greyscale (``L``); a JPEG is decoded straight to grey (cheaper).
+
+    Same errors as ``open_rgb``. For perceptual hashing (``grouping``), not for the network.
+    """
+    return _open(path, policy, grey=True)
+
+
+def _open(path, policy: ImagePolicy | None, grey: bool) -> Image.Image:
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -124,12 +136,15 @@ def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Imag
                                  f"(not JPEG, PNG, BMP, GIF, WebP or TIFF data)") from None
             orientation = _orientation(img)
             if policy is not None and img.format in _JPEG_FORMATS:
-                img.draft("RGB", _draft_size(img.size, policy, swap=orientation in (5, 6, 7, 8)))
+                img.draft("L" if grey else "RGB",
+                          _draft_size(img.size, policy, swap=orientation in (5, 6, 7, 8)))
             # Image.open is lazy: load() decodes every byte now, so a truncated file raises
             # here (LOAD_TRUNCATED_IMAGES is False) instead of yielding grey padding.
             img.load()
             if orientation != 1:
                 ImageOps.exif_transpose(img, in_place=True)
+            if grey:
+                return img if img.mode == "L" else to_rgb(img).convert("L")
             return to_rgb(img)
     except ImageError:
         raise

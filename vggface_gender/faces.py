@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter  # noqa: F401  (ImageFilter used by tests via us)
+from PIL import Image, ImageDraw
 
 from . import images
 

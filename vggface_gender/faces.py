@@ -10,6 +10,9 @@ Interface (what preprocessing and prediction call):
   (recorded in ``classifier.json`` with the image policy), ``from_config(cfg)``.
 - ``Face``: one detection, box ``(x, y, w, h)`` in pixels of the *oriented* full-resolution image
   (as the user sees it, after EXIF orientation), ``confidence``, ``landmarks`` (name -> (x, y)).
+  A face cut by the photo's edge keeps the box the detector estimated, which may reach beyond
+  the edge (negative x or y, or past the width/height): boxes are not clipped, so the crop stays
+  centred on the face (``crop_face`` pads the outside with black).
 - ``detect_faces(image, policy) -> list[Face]``: largest area first (ties: higher confidence).
 - ``crop_face(image, face, policy) -> PIL.Image``: the square crop with margin, padded with
   black where it leaves the image, eyes levelled when ``policy.align``.
@@ -189,7 +192,7 @@ def detect_faces(image: Image.Image, policy: FacePolicy) -> list[Face]:
     arr = np.asarray(small, dtype=np.uint8)
     if min(arr.shape[:2]) < 12:  # smaller than MTCNN's smallest window
         return []
-    raw = get_detector().detect_faces(arr, min_face_size=MTCNN_MIN_FACE,
+    raw = get_detector().detect_faces(arr, min_face_size=MTCNN_MIN_FACE, fit_to_image=False,
                                       threshold_onet=min(0.5, policy.min_confidence))
     # ONet runs with a low threshold (measured: fewer faces lost in MTCNN's final NMS); the
     # policy's min_confidence is applied here.

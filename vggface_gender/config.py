@@ -79,7 +79,7 @@ def _schema() -> dict:
             "align": Field("bool", False, help="rotate each crop so the eyes are level (landmarks)"),
             "min_size": Field("int", 0, minimum=0,
                               help="drop faces smaller than this (pixels, longer box side), after detection"),
-            "min_confidence": Field("float", 0.8, minimum=0.0, maximum=1.0,
+            "min_confidence": Field("float", 0.85, minimum=0.0, maximum=1.0,
                                     help="drop detections below this detector confidence"),
             "multiple": Field("choice", "largest", choices=("largest", "skip"),
                               help="training images with several faces: keep the largest, or skip the image"),

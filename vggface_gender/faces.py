@@ -64,7 +64,7 @@ class FacePolicy:
     margin: float = 1.1
     align: bool = False
     min_size: int = 0
-    min_confidence: float = 0.8
+    min_confidence: float = 0.85
     multiple: str = "largest"
     detect_size: int = 1024
 

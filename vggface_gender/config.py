@@ -80,6 +80,22 @@ def _schema() -> dict:
                                    choices=("nearest", "bilinear", "bicubic", "lanczos"),
                                    help="null: the model file's, bilinear when it names none"),
         },
+        "faces": {
+            "detect": Field("choice", "none", choices=("none", "mtcnn"),
+                            help="none: each image is one face crop; mtcnn: find faces in whole photos"),
+            "margin": Field("float", 1.1, minimum=1.0, maximum=4.0,
+                            help="crop square side = mean(box width, height) x margin (VGG-Face demo: 1.1)"),
+            "align": Field("bool", False, help="rotate each crop so the eyes are level (landmarks)"),
+            "min_size": Field("int", 0, minimum=0,
+                              help="drop faces smaller than this (pixels, longer box side), after detection"),
+            "min_confidence": Field("float", 0.85, minimum=0.0, maximum=1.0,
+                                    help="drop detections below this detector confidence"),
+            "multiple": Field("choice", "largest", choices=("largest", "skip"),
+                              help="training images with several faces: keep the largest, or skip the image"),
+            "detect_size": Field("int", 1024, minimum=64,
+                                 help="photos with a longer side above this are detected downscaled to it; "
+                                      "crops come from the full-resolution image"),
+        },
         "model": {
             "mat_path": Field("path", "vgg_face.mat", help="MatConvNet .mat file with the VGG-Face weights"),
             "input_size": Field("int_list", None, optional=True,

@@ -170,6 +170,15 @@ def test_reduced_model_layout(vgg_base):
     np.testing.assert_array_equal(reduced.get_layer("fc7").get_weights()[0], cut.get_layer("fc7").get_weights()[0])
     assert precision.with_precision(cut, "float32") is cut
 
+    # The frozen model extraction runs (features.frozen_model: layers shared with the base).
+    from vggface_gender import features
+
+    frozen = features.frozen_model(features.cut_base(base, "relu7"))
+    reduced_frozen = precision.with_precision(frozen, "bfloat16")
+    assert reduced_frozen.output.dtype == "float32"
+    assert not any(layer.trainable for layer in reduced_frozen.layers[1:])
+    assert {layer.dtype_policy.name for layer in frozen.layers} == {"float32"}
+
     # Output straight from a dense layer: a float32 cast is appended.
     to_fc7 = precision.with_precision(keras.Model(base.inputs, base.get_layer("fc7").output), "float16")
     assert to_fc7.layers[-1].name == "fc7_float32" and to_fc7.output.dtype == "float32"

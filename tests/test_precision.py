@@ -72,6 +72,22 @@ def test_requested_precision_is_kept_or_falls_back_with_a_line(requested, hardwa
     assert resolved.to_dict() == {"precision": expected, "requested": requested, "reason": resolved.reason}
 
 
+@pytest.mark.parametrize("requested, hardware, expected, says", [
+    ("bfloat16", Hardware(AVX512_BF16, onednn=True), "bfloat16", "slow on this CPU (no AMX)"),
+    ("float16", Hardware(AMX, onednn=True), "float16", "slow on this CPU"),
+    ("float16", Hardware(PLAIN, gpus=(GPU("Tesla P100", (6, 0)),)), "float16", "slow on Tesla P100"),
+    ("bfloat16", Hardware(PLAIN, gpus=(GPU("Tesla T4", (7, 5)),)), "float32", "using float32"),
+    ("bfloat16", Hardware(AMX, onednn=True), "bfloat16", "AMX"),
+])
+def test_keep_slow_keeps_the_trained_precision_where_it_runs(requested, hardware, expected, says):
+    """Prediction with a head trained on reduced-precision features keeps that precision where
+    it only runs slowly; a precision that cannot run here still falls back to float32."""
+    resolved = resolve_precision(requested, hardware=hardware, keep_slow=True)
+    assert resolved.name == expected and says in resolved.reason
+    if expected == requested and "slow" in says:
+        assert resolved.reason.endswith("kept, to match the features the head was trained on")
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="auto, float32, bfloat16, float16"):
         resolve_precision("int8", hardware=Hardware())

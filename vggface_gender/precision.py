@@ -174,13 +174,27 @@ def _fast(name: str, hw: Hardware) -> tuple[bool, str]:
     return True, "this CPU has AMX (amx_bf16) and TensorFlow uses oneDNN"
 
 
-def resolve_precision(requested: str, *, hardware: Hardware | None = None) -> Resolved:
+def _supported(name: str, hw: Hardware) -> bool:
+    """Whether ``name`` computes here at all (slowly or not): everywhere on a CPU (TensorFlow has
+    bfloat16 and float16 CPU kernels); bfloat16 on a GPU needs compute capability >= 8.0."""
+    if name == "bfloat16" and hw.gpus:
+        cc = hw.gpus[0].compute_capability
+        return cc is not None and cc >= GPU_BFLOAT16
+    return True
+
+
+def resolve_precision(requested: str, *, hardware: Hardware | None = None,
+                      keep_slow: bool = False) -> Resolved:
     """The precision to run in for ``model.precision`` = ``requested``, on ``hardware``
     (default: ``detect_hardware()``).
 
     ``auto``: float16 on a GPU with tensor cores, bfloat16 on a CPU with AMX and oneDNN, float32
     otherwise. ``float32``: always. ``bfloat16``/``float16``: when fast here, else float32 with the
     reason as a line ("bfloat16 is slow on this CPU (no AMX): using float32").
+
+    ``keep_slow=True`` (prediction with a classifier whose head was trained on features of this
+    precision, recorded in ``classifier.json``): a precision that is only slow here is kept, with
+    a line saying so; only one that cannot run here (bfloat16 on a GPU older than 8.0) falls back.
     """
     if requested not in CHOICES:
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}, got {requested!r}")
@@ -196,6 +210,8 @@ def resolve_precision(requested: str, *, hardware: Hardware | None = None) -> Re
     fast, why = _fast(requested, hw)
     if fast:
         return Resolved(requested, requested, f"{requested} requested; {why}")
+    if keep_slow and _supported(requested, hw):
+        return Resolved(requested, requested, f"{why}: kept, to match the features the head was trained on")
     return Resolved("float32", requested, f"{why}: using float32")
 
 

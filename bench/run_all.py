@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["preprocess", "conversion", "train", "predict", "faces"]
+ORDER = ["preprocess", "conversion", "train", "predict", "faces", "precision"]
 
 
 def machine() -> str:

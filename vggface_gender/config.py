@@ -101,6 +101,9 @@ def _schema() -> dict:
             "input_size": Field("int_list", None, optional=True,
                                 help="[height, width], used only when the .mat file names none"),
             "embedding_layer": Field("str", "relu7", help="layer whose output feeds the classifier head"),
+            "precision": Field("choice", "auto", choices=("auto", "float32", "bfloat16", "float16"),
+                               help="precision of the frozen base: auto (bfloat16 on CPUs with AMX, "
+                                    "float16 on GPUs with tensor cores, else float32)"),
         },
         "train": {
             "hidden_units": Field("int_list", [512], help="sizes of the head's hidden dense layers"),

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     def body(args):
         cfg = cli.config_from_args(args)  # validate before any work
         from vggface_gender import dataset
-        dataset.run_stage(cfg, args)
+        dataset.run_stage(cfg, workers=args.workers, quiet=args.quiet)
 
     return cli.run(parser, body, argv)
 

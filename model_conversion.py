@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
         cli.import_tensorflow_quietly()
         from vggface_gender import conversion
-        return conversion.run_stage(cfg, args)
+        return conversion.run_stage(cfg, verify_images=args.verify or ())
 
     return cli.run(parser, body, argv)
 

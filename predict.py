@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
         cli.import_tensorflow_quietly()
         from vggface_gender import evaluation
-        return evaluation.run_stage(cfg, args)
+        return evaluation.run_stage(cfg, images=args.images, out=args.out)
 
     return cli.run(parser, body, argv)
 

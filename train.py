@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         cfg = cli.config_from_args(args)  # validate before the (slow) heavy imports
         cli.import_tensorflow_quietly()
         from vggface_gender import training
-        training.run_stage(cfg, args)
+        training.run_stage(cfg, early_stopping=not args.no_early_stopping)
 
     return cli.run(parser, body, argv)
 

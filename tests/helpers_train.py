@@ -86,14 +86,25 @@ def make_data(root: Path, work_dir: Path, *, per_class: int = 24, n_val: int = 8
 
 def config(tmp: Path, work_dir: Path, root: Path, **overrides):
     """A validated config for ``work_dir`` and ``root``; ``overrides`` as dotted keys with '__'."""
-    values = [("work_dir", str(work_dir)), ("data.root", str(root)), ("train.batch_size", 8)]
+    # float32: reproducibility and cross-path comparisons must not depend on this CPU's AMX
+    values = [("work_dir", str(work_dir)), ("data.root", str(root)), ("train.batch_size", 8),
+              ("model.precision", "float32")]
     values += [(key.replace("__", "."), value) for key, value in overrides.items()]
     return load_config(None, values, cwd=tmp)
 
 
+def flat_layers(model) -> list:
+    """The layers of ``model``, nested models (the composed base + head) opened up."""
+    import keras
+    out = []
+    for layer in model.layers:
+        out += flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
 def weights_of(model) -> dict:
     """Layer name -> list of weight arrays (numpy)."""
-    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in flat_layers(model)
             if layer.get_weights()}
 
 
@@ -128,7 +139,8 @@ class Project:
         self.data = make_data(self.root, self.work, **data_kwargs)
         self.config_path = self.tmp / "config.yaml"
         self.config_path.write_text(
-            f"work_dir: work\ndata:\n  root: data\ntrain:\n  batch_size: 8\n  max_epochs: 2\n", encoding="utf-8")
+            "work_dir: work\ndata:\n  root: data\nmodel:\n  precision: float32\n"
+            "train:\n  batch_size: 8\n  max_epochs: 2\n", encoding="utf-8")
 
     def cfg(self, *sets: str):
         from vggface_gender.config import parse_override
@@ -148,8 +160,13 @@ class Project:
         return json.loads((self.work / "reports" / "train_summary.json").read_text())
 
     def classifier(self):
+        """The composed model (base + trained head), images in, probabilities out."""
+        from vggface_gender import Classifier
+        return Classifier.load(self.work).model
+
+    def head(self):
+        """``classifier.keras`` alone, loaded as any user would (plain ``load_model``, safe mode)."""
         import keras
-        import vggface_gender.layers  # noqa: F401  (registered layer classes)
         return keras.saving.load_model(self.work / "model" / "classifier.keras")
 
     def outputs(self) -> list[Path]:

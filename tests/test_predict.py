@@ -26,22 +26,33 @@ PER_CLASS = 10
 SWAPPED = ["female/female_00002.jpg", "male/male_00007.jpg"]  # labelled wrong on purpose: errors exist
 
 
-def build_classifier(work: Path, policy=POLICY, classes=CLASSES) -> Path:
-    """Average colour -> Dense softmax: reddish images are 'female', bluish 'male' (synthetic's)."""
+def build_classifier(work: Path, policy=POLICY, classes=CLASSES, training_hashes=()) -> Path:
+    """Average colour -> Dense softmax: reddish images are 'female', bluish 'male' (synthetic's).
+
+    Saved as train.py saves: a base (``base.keras``: scaling, then the average colour as 'relu7')
+    and the head alone (``classifier.keras``), with ``classifier.json`` naming the base by content.
+    """
     import keras
 
+    from vggface_gender.features import keras_model_sha256
+
     inputs = keras.Input((*policy.size, 3))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(2, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="relu7")(x)
+    base = keras.Model(inputs, keras.layers.Dense(4, name="fc8")(x))
+    features = keras.Input((3,))
+    head = keras.Model(features, keras.layers.Dense(2, activation="softmax", name="head_output")(features))
     kernel = np.array([[4.0, -4.0], [0.5, -0.5], [-4.0, 4.0]], np.float32)
-    model.layers[-1].set_weights([kernel, np.array([0.1, -0.1], np.float32)])
+    head.layers[-1].set_weights([kernel, np.array([0.1, -0.1], np.float32)])
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    model.save(model_dir / "classifier.keras")
-    info = {"format": 1, "classes": list(classes), "input_size": list(policy.size),
-            "policy": policy.to_dict(), "embedding_layer": "relu7", "base_sha256": "0" * 64}
+    base.save(model_dir / "base.keras")
+    head.save(model_dir / "classifier.keras")
+    info = {"format": 2, "classes": list(classes), "input_size": list(policy.size),
+            "policy": policy.to_dict(), "precision": {"precision": "float32"},
+            "embedding_layer": "relu7", "trainable_from": None, "feature_layer": "relu7",
+            "feature_shape": [3], "base_sha256": keras_model_sha256(model_dir / "base.keras"),
+            "lineage": {"manifests": {}, "images_sha256": sorted(training_hashes)}}
     (model_dir / "classifier.json").write_text(json.dumps(info))
     return model_dir / "classifier.keras"
 
@@ -111,9 +122,9 @@ def read_csv(path_or_text):
 
 def model_probs(project, paths):
     """Probabilities straight from the model on the loader's arrays (an independent path)."""
-    import keras
+    from vggface_gender import Classifier
 
-    model = keras.saving.load_model(project["work"] / "model" / "classifier.keras")
+    model = Classifier.load(project["work"]).model
     batch = np.stack([images.load_image(p, POLICY) for p in paths]).astype(np.float32)
     return model.predict(batch, verbose=0)
 
@@ -301,7 +312,7 @@ def test_images_on_a_messy_folder(project, messy_folder, capsys):
     code, out, err = run_images(project, [messy_folder, missing], capsys)
     assert code == 0
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "predicted", "prob_female", "prob_male", "error"]
+    assert list(rows[0]) == ["path", "predicted", "prob_female", "prob_male", "in_training", "error"]
     by_name = {Path(r["path"]).name: r for r in rows}
     # found recursively, sorted, hidden and non-image files skipped; the missing file still has a row
     assert [Path(r["path"]).relative_to(messy_folder).as_posix() for r in rows] == \

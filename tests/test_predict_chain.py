@@ -26,7 +26,7 @@ def test_four_stages_then_predict_agrees_with_images(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "work_dir": str(tmp_path / "work"), "seed": 1,
         "data": {"root": str(data), "sample_per_class": 12, "val_fraction": 0.25, "test_per_class": 8},
-        "model": {"mat_path": str(mat)},
+        "model": {"mat_path": str(mat), "precision": "float32"},
         "train": {"hidden_units": [16], "max_epochs": 4, "batch_size": 8},
         "evaluate": {"bootstrap": 50, "batch_size": 5, "groups": r"^(?P<kind>[a-z]+)_"},
     }))
@@ -57,14 +57,17 @@ def test_four_stages_then_predict_agrees_with_images(tmp_path, capsys):
         for name in ("female", "male"):
             assert abs(float(classified[path][f"prob_{name}"]) - float(row[f"prob_{name}"])) <= 1e-6
 
-    # and plain Keras on the loader's arrays gives them too (no package code between)
+    # and plain Keras on the loader's arrays gives them too (no package code between): the base
+    # cut at the recorded feature layer, then the head saved alone
     import keras
 
-    model = keras.saving.load_model(tmp_path / "work" / "model" / "classifier.keras")
+    base = keras.saving.load_model(tmp_path / "work" / "model" / "base.keras")
+    cut = keras.Model(base.inputs, base.get_layer(info["feature_layer"]).output)
+    head = keras.saving.load_model(tmp_path / "work" / "model" / "classifier.keras")
     policy = images.ImagePolicy(tuple(info["policy"]["size"]), info["policy"]["resize"],
                                 info["policy"]["interpolation"])
     some = sorted(evaluated)[:6]
-    probs = model.predict(np.stack([images.load_image(data / p, policy) for p in some]).astype(np.float32),
-                          verbose=0)
+    pixels = np.stack([images.load_image(data / p, policy) for p in some]).astype(np.float32)
+    probs = head.predict(cut.predict(pixels, verbose=0), verbose=0)
     expected = np.array([[float(evaluated[p]["prob_female"]), float(evaluated[p]["prob_male"])] for p in some])
     np.testing.assert_allclose(probs, expected, atol=1e-6)

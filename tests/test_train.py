@@ -50,16 +50,27 @@ def test_separable_data_reaches_high_validation_accuracy_and_writes_the_contract
     # classifier.json: the contract predict.py reads
     info = json.loads((project.work / "model" / "classifier.json").read_text())
     base_info = json.loads((project.work / "model" / "base.json").read_text())
-    assert info["format"] == 1 and info["classes"] == list(H.CLASSES)
+    assert info["format"] == 2 and info["classes"] == list(H.CLASSES)
     assert info["input_size"] == list(base_info["input_size"][:2])
     assert info["policy"]["size"] == info["input_size"] and info["policy"]["resize"] == "stretch"
     assert info["embedding_layer"] == "relu7" and info["trainable_from"] is None
     from vggface_gender.features import keras_model_sha256
     assert info["base_sha256"] == keras_model_sha256(project.work / "model" / "base.keras")
 
-    # classifier.keras: images 0-255 in, probabilities out; base up to relu7 only, then the head
+    assert info["feature_layer"] == "relu7" and info["precision"]["precision"] == "float32"
+    # lineage: the content hashes of every training and validation image
+    listed = {row["sha256"] for split in ("train", "val")
+              for row in csv.DictReader(open(project.work / "splits" / f"{split}.csv", newline=""))}
+    assert set(info["lineage"]["images_sha256"]) == listed and len(listed) == 200
+
+    # classifier.keras holds the trained head alone: relu7 features in, probabilities out
+    head = project.head()
+    assert list(head.input_shape[1:]) == info["feature_shape"] and head.output_shape[-1] == 2
+    assert not {"conv1_1", "fc6", "fc7", "relu7"} & {layer.name for layer in head.layers}
+    assert getattr(head, "optimizer", None) is None  # no optimizer state in the file
+    # the composed classifier: images 0-255 in, probabilities out; base up to relu7, then the head
     model = project.classifier()
-    names = [layer.name for layer in model.layers]
+    names = [layer.name for layer in H.flat_layers(model)]
     assert "relu7" in names and "fc8" not in names and not {"softmax", "prob"} & set(names)
     assert tuple(model.input_shape[1:]) == (*info["input_size"], 3)
     policy = ImagePolicy(tuple(info["policy"]["size"]), info["policy"]["resize"], info["policy"]["interpolation"])
@@ -146,10 +157,14 @@ def test_trainable_from_caches_below_it_and_trains_the_unfrozen_layers(project):
     assert summary["cache"]["feature_layer"] == "relu6"
     assert summary["cache"]["shape"] == [int(d) for d in base.get_layer("relu6").output.shape[1:]]
     trained = project.classifier()
-    np.testing.assert_array_equal(trained.get_layer("fc6").get_weights()[0], base.get_layer("fc6").get_weights()[0])
-    assert not np.allclose(trained.get_layer("fc7").get_weights()[0], base.get_layer("fc7").get_weights()[0])
+    weights = H.weights_of(trained)
+    np.testing.assert_array_equal(weights["fc6"][0], base.get_layer("fc6").get_weights()[0])
+    assert not np.allclose(weights["fc7"][0], base.get_layer("fc7").get_weights()[0])
     info = json.loads((project.work / "model" / "classifier.json").read_text())
-    assert info["trainable_from"] == "fc7"
+    assert info["trainable_from"] == "fc7" and info["feature_layer"] == "relu6"
+    # the trained fc7 is saved with the head; the frozen fc6 is not (it stays in base.keras)
+    head_names = {layer.name for layer in project.head().layers}
+    assert "fc7" in head_names and "fc6" not in head_names
 
     # the same head and fc7 through the cache and end to end
     cached = H.weights_of(trained)

@@ -75,7 +75,7 @@ def _initial_head(project):
 
     from vggface_gender.training import build_head
 
-    model = project.classifier()
+    model = project.head()
     head = build_head([32], 0.0, 2, 0, flatten=False)
     x = keras.Input(model.get_layer("head_dense1").input.shape[1:])
     return keras.Model(x, _apply(x, head))

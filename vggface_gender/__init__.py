@@ -1,9 +1,17 @@
 """Male/female face classification on top of VGG-Face (MatConvNet weights).
 
+The Python API (the scripts call the same functions):
+
+- ``Classifier.load(work_dir)``: the trained classifier; ``.classes``, ``.predict_proba(images)``
+  (paths, PIL images, uint8 arrays), ``.predict``, ``.in_training``
+- ``make_splits``, ``convert``, ``train``, ``evaluate``: the four stages, keyword arguments
+
 The four top-level scripts (data_preprocess, model_conversion, train, predict) are thin
 wrappers; the logic lives here, one module per concern:
 
 - ``config``     the one config schema, defaults, validation, ``--set`` overrides
+- ``classifier`` the trained classifier (base + head) as one object: the Python API
+- ``stages``     the four stages as functions with keyword arguments
 - ``cli``        shared argument parsing and one-line error reporting for the scripts
 - ``errors``     the exception types that become one-line errors
 - ``workdir``    where each stage writes, and atomic writes
@@ -28,4 +36,9 @@ A saved model that uses one of the package's registered layers (padded pooling, 
 VGG-Face) needs ``import vggface_gender.layers`` before ``keras.saving.load_model``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+from .classifier import Classifier  # noqa: E402  (imports no TensorFlow until a model is loaded)
+from .stages import convert, evaluate, make_splits, train  # noqa: E402
+
+__all__ = ["Classifier", "make_splits", "convert", "train", "evaluate"]

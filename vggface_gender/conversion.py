@@ -150,9 +150,9 @@ def _say(text: str) -> None:
 
 
 # =========================================================================== the stage
-def run_stage(cfg, args) -> int:
-    """``model_conversion.py``: convert ``model.mat_path``; with ``--verify``, show top-5 classes."""
-    images = [Path(p) for p in (getattr(args, "verify", None) or [])]
+def run_stage(cfg, *, verify_images=()) -> int:
+    """``model_conversion.py``: convert ``model.mat_path``; with ``verify_images``, show top-5 classes."""
+    images = [Path(p) for p in verify_images]
     for image in images:  # validate before the long conversion
         if not image.is_file():
             raise ImageError(f"{image}: image file not found")

@@ -78,10 +78,12 @@ _ORDER_DOMAIN = b"vggface_gender.dataset.order\0"
 
 # --------------------------------------------------------------------------- manifests (read side)
 class ManifestEntry(NamedTuple):
-    """One manifest row for train/predict: the image's absolute path and its class name."""
+    """One manifest row for train/predict: the image's absolute path, its class name and the
+    SHA-256 of its bytes when the split was made (the image's identity for lineage checks)."""
 
     path: Path
     label: str
+    sha256: str
 
 
 def read_manifest(path: str | os.PathLike, data_root: str | os.PathLike,
@@ -112,7 +114,7 @@ def read_manifest(path: str | os.PathLike, data_root: str | os.PathLike,
                     raise DataError(
                         f"{path}: line {line}: label {label!r} is not one of the configured classes "
                         f"({', '.join(classes)}); run `python {STAGE_SCRIPT}` with this config")
-                entries.append(ManifestEntry(data_root / PurePosixPath(rel), label))
+                entries.append(ManifestEntry(data_root / PurePosixPath(rel), label, row[2]))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable split manifest ({type(exc).__name__}: {exc})") from None
     return entries
@@ -167,13 +169,12 @@ class _ClassReport:
         }
 
 
-def run_stage(cfg, args=None) -> dict:
+def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
     """Write the split manifests and ``summary.json`` under ``work_dir/splits``; return the summary.
 
-    ``args.workers`` (optional): threads for hashing and decoding (default: from the CPU count).
+    ``workers``: threads for hashing and decoding (default: from the CPU count); ``quiet``: no
+    progress bars or report.
     """
-    workers = getattr(args, "workers", None) if args is not None else None
-    quiet = bool(getattr(args, "quiet", False)) if args is not None else False
     where = str(cfg.source) if getattr(cfg, "source", None) else "config"
     classes = cfg.classes
     data = cfg.data

@@ -1,6 +1,6 @@
 """predict.py's stage: evaluate the classifier on the held-out test set, or classify new images.
 
-``run_stage(cfg, args)``:
+``run_stage(cfg, images=None, out=None)``:
 
 - without ``--images``: predicts every image of ``work_dir/splits/test.csv`` and writes
   ``work_dir/reports/{metrics.json, predictions.csv, roc_curve.png, confusion_matrix.png,
@@ -30,8 +30,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import metrics
-from .errors import ConfigError, ImageError, ModelFileError, PipelineError
-from .images import IMAGE_EXTENSIONS, ImagePolicy, find_images
+from .errors import ConfigError, DataError, ImageError, ModelFileError, PipelineError
+from .images import IMAGE_EXTENSIONS, find_images
+from .classifier import Classifier, file_sha256, read_info
 from .progress import Progress
 from .workdir import WorkDir, atomic_open, atomic_paths, read_json, require
 
@@ -41,62 +42,9 @@ ERRORS_SHOWN = 18  # images in errors.png (three rows of six)
 
 
 # --------------------------------------------------------------------------- the classifier
-@dataclass
-class Classifier:
-    """The trained model with its class order and the image policy it was trained with."""
-
-    model: object
-    classes: list[str]
-    policy: ImagePolicy
-    path: Path
-    info: dict = field(default_factory=dict)
-
-    def predict_batches(self, paths: Sequence[str | os.PathLike], batch_size: int
-                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """Yield ``(probabilities (b, n_classes), errors)`` per batch, in the order of ``paths``.
-
-        Decoding runs in parallel ``tf.data`` threads ahead of the model (``prefetch``). A file
-        that cannot be read has a non-empty error and meaningless probabilities (its image is
-        black); the caller decides whether that stops the run.
-        """
-        from .tf_images import image_dataset
-
-        for images, errors in image_dataset(paths, self.policy, batch_size):
-            probs = np.asarray(self.model.predict_on_batch(images), dtype=np.float64)
-            yield probs, [e.decode("utf-8", "replace") for e in errors.numpy()]
-
-
-def read_classifier_info(work: WorkDir) -> tuple[dict, list[str], ImagePolicy]:
-    """``classifier.json``: its content, the class order and the training image policy."""
-    require(work.classifier, TRAIN_STAGE, "trained classifier")
-    info_path = require(work.classifier_info, TRAIN_STAGE, "classifier description")
-    try:
-        info = read_json(info_path)
-        classes = [str(c) for c in info["classes"]]
-        spec = info["policy"]
-        policy = ImagePolicy((int(spec["size"][0]), int(spec["size"][1])), spec["resize"],
-                             spec["interpolation"])
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ModelFileError(f"{info_path}: not a valid classifier description ({type(exc).__name__}: "
-                             f"{exc}); run `python {TRAIN_STAGE}` again") from None
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ModelFileError(f"{info_path}: expected distinct class names, got {classes}")
-    return info, classes, policy
-
-
 def load_classifier(work: WorkDir) -> Classifier:
-    """Load ``model/classifier.keras`` and its ``classifier.json``; one-line errors otherwise."""
-    info, classes, policy = read_classifier_info(work)
-    model_path, info_path = work.classifier, work.classifier_info
-    from .keras_model import load_saved_model
-
-    model = load_saved_model(model_path, "classifier", TRAIN_STAGE)
-    in_shape, out_shape = tuple(model.input_shape), tuple(model.output_shape)
-    if in_shape[1:] != (*policy.size, 3) or out_shape[-1] != len(classes):
-        raise ModelFileError(
-            f"{model_path}: model takes {in_shape[1:]} and gives {out_shape[-1]} outputs, but "
-            f"{info_path.name} says {(*policy.size, 3)} and classes {classes}; run `python {TRAIN_STAGE}` again")
-    return Classifier(model, classes, policy, Path(model_path), info)
+    """``Classifier.load`` with the work dir's paths; one-line errors otherwise."""
+    return Classifier.load(work.root)
 
 
 def _note_policy(cfg, classifier: Classifier) -> None:
@@ -112,8 +60,8 @@ def _note_policy(cfg, classifier: Classifier) -> None:
 
 
 # --------------------------------------------------------------------------- the test manifest
-def read_test_manifest(cfg, work: WorkDir, classes: Sequence[str]) -> tuple[Path, list[Path], list[str]]:
-    """``(manifest path, absolute image paths, labels)`` of the test split.
+def read_test_manifest(cfg, work: WorkDir, classes: Sequence[str]) -> tuple[Path, list]:
+    """``(manifest path, entries)`` of the test split.
 
     Labels must be classes of the classifier (which are normally ``cfg.classes``).
     """
@@ -128,7 +76,38 @@ def read_test_manifest(cfg, work: WorkDir, classes: Sequence[str]) -> tuple[Path
     if unknown:
         raise PipelineError(f"{path}: labels {unknown} are not classes of the classifier {list(classes)}; "
                             f"run `python {DATA_STAGE}` and `python {TRAIN_STAGE}` with the same config")
-    return path, [Path(e.path) for e in entries], labels
+    return path, entries
+
+
+def check_lineage(cfg, work: WorkDir, info: dict, manifest: Path, entries) -> dict:
+    """Refuse a test set any image of which (by content) trained or validated the classifier.
+
+    Names the stage to re-run: ``train.py`` when the splits were made again after training
+    (the classifier is older than the splits), else ``data_preprocess.py``.
+    Returns the lineage record for ``metrics.json``.
+    """
+    lineage = info["lineage"]
+    trained_on = set(lineage["images_sha256"])
+    overlap = sum(1 for e in entries if e.sha256 in trained_on)
+    current = {}
+    for name in ("train", "val"):
+        with contextlib.suppress(OSError):
+            current[name] = file_sha256(work.manifest(name))
+    resplit = current != lineage["manifests"]
+    if overlap:
+        if resplit:
+            why = ("the splits were made again after the classifier was trained; "
+                   f"re-run `python {TRAIN_STAGE}` on the new splits")
+        else:
+            why = f"the test split is not disjoint from training; re-run `python {DATA_STAGE}`"
+        raise DataError(f"{manifest}: {overlap} of the {len(entries)} test images were training or "
+                        f"validation images of the classifier ({work.classifier.name}): {why}")
+    return {
+        "test_manifest_sha256": file_sha256(manifest),
+        "classifier_trained_on": lineage["manifests"],
+        "splits_changed_since_training": resplit,
+        "overlap_with_training": 0,
+    }
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -252,11 +231,18 @@ def evaluate(cfg, stream=None) -> dict:
     work = WorkDir(cfg.work_dir)
     require(work.manifest("test"), DATA_STAGE, "test manifest")
     # Everything that can be checked cheaply is checked before the slow model load.
-    _, classes, _ = read_classifier_info(work)
+    info = read_info(work)
+    classes = [str(c) for c in info["classes"]]
     positive = cfg.evaluate.positive_class
     if positive not in classes:
         raise ConfigError(f"evaluate.positive_class: {positive!r} is not a class of the classifier {classes}")
-    manifest, abs_paths, labels = read_test_manifest(cfg, work, classes)
+    manifest, entries = read_test_manifest(cfg, work, classes)
+    lineage = check_lineage(cfg, work, info, manifest, entries)
+    if lineage["splits_changed_since_training"]:
+        print(f"note: the train/validation splits changed since the classifier was trained; the test "
+              f"set shares no image with what it was trained on, so the evaluation stands", file=sys.stderr)
+    abs_paths = [Path(e.path) for e in entries]
+    labels = [e.label for e in entries]
     rule = group_rule(cfg)
     root = Path(cfg.data.root)
     rel_paths = [_relative(p, root) for p in abs_paths]
@@ -276,14 +262,17 @@ def evaluate(cfg, stream=None) -> dict:
             done += len(batch)
             bar.update(len(batch))
     if not np.all(np.isfinite(probs)):
-        raise ModelFileError(f"{classifier.path}: the classifier produced NaN or infinite probabilities")
+        raise ModelFileError(f"{work.classifier}: the classifier produced NaN or infinite probabilities")
 
     report = metrics.classification_report(y_true, probs, classes, positive,
                                            n_bootstrap=cfg.evaluate.bootstrap, seed=cfg.seed)
     report["decision"] = "most probable class"
     report["manifest"] = str(manifest)
-    report["model"] = str(classifier.path)
+    report["model"] = str(work.classifier)
     report["policy"] = classifier.policy.to_dict()
+    report["precision"] = classifier.precision
+    report["lineage"] = lineage | {"classifier_sha256": file_sha256(work.classifier),
+                                   "base_sha256": info["base_sha256"]}
     y_pred = probs.argmax(axis=1)
     if rule is not None:
         assigned = rule.assign(abs_paths)
@@ -373,7 +362,8 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
              stdout=None, stderr=None, classifier: Classifier | None = None) -> dict:
     """Classify files and folders into a CSV (``out``, else stdout), streaming batch by batch.
 
-    Columns: ``path, predicted, prob_<class>..., error``. Returns ``{"n", "failed", "out"}``.
+    Columns: ``path, predicted, prob_<class>..., in_training, error`` (``in_training``: a file with
+    the same bytes was a training or validation image of the classifier). Returns ``{"n", "failed", "out"}``.
     ``classifier``: an already loaded ``load_classifier(...)`` (a notebook classifying several
     folders loads the model once); by default the config's ``work_dir/model/classifier.keras``.
     """
@@ -400,15 +390,16 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     show_bar = not (out is None and _isatty(stdout) and _isatty(stderr))
     with sink as f, Progress(len(files), "classifying", stream=stderr, enabled=show_bar) as bar:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", "predicted", *(f"prob_{c}" for c in classes), "error"])
+        writer.writerow(["path", "predicted", *(f"prob_{c}" for c in classes), "in_training", "error"])
         start = 0
         for probs, errors in classifier.predict_batches(files, cfg.evaluate.batch_size):
             for path, row, error in zip(files[start:start + len(probs)], probs, errors):
                 if error:
                     failed += 1
-                    writer.writerow([str(path), "", *([""] * len(classes)), error])
+                    writer.writerow([str(path), "", *([""] * len(classes)), "", error])
                 else:
-                    writer.writerow([str(path), classes[int(row.argmax())], *(_prob(v) for v in row), ""])
+                    seen = "true" if classifier.file_in_training(path) else "false"
+                    writer.writerow([str(path), classes[int(row.argmax())], *(_prob(v) for v in row), seen, ""])
             start += len(probs)
             if out is None:
                 f.flush()  # stream: a reader of the pipe sees each batch as it is done
@@ -428,10 +419,9 @@ def _isatty(stream) -> bool:
 
 
 # --------------------------------------------------------------------------- the stage
-def run_stage(cfg, args) -> int:
-    """Entry point of ``predict.py``: evaluate, or classify ``args.images`` into ``args.out``."""
-    images = getattr(args, "images", None)
-    out = getattr(args, "out", None)
+def run_stage(cfg, *, images: Sequence[str | os.PathLike] | None = None,
+              out: str | os.PathLike | None = None) -> int:
+    """Entry point of ``predict.py``: evaluate, or classify ``images`` into ``out`` (else stdout)."""
     if out is not None and not images:
         raise PipelineError("--out is only used with --images (the evaluation writes to work_dir/reports)")
     if images:

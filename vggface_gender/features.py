@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -259,13 +259,15 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
 # --------------------------------------------------------------------------- the cache
 @dataclass
 class Split:
-    """One manifest: absolute image paths, label indices and the manifest file's checksum."""
+    """One manifest: absolute image paths, label indices, the manifest file's checksum and each
+    image's content hash (as the manifest lists it)."""
 
     name: str
     manifest: Path
     paths: list
     labels: np.ndarray
     manifest_sha256: str
+    hashes: list = field(default_factory=list)
 
 
 def image_fingerprint(splits: Sequence[Split]) -> str:
@@ -288,12 +290,13 @@ def image_fingerprint(splits: Sequence[Split]) -> str:
 
 
 def cache_key(base_sha256: str, feature_layer: str, policy, splits: Sequence[Split],
-              fingerprint: str | None = None) -> dict:
+              fingerprint: str | None = None, precision: str = "float32") -> dict:
     """Everything the cached features depend on (see the module docstring)."""
     return {
         "format": CACHE_FORMAT,
         "base_sha256": base_sha256,
         "feature_layer": feature_layer,
+        "precision": precision,
         "policy": policy.to_dict(),
         "manifests": {s.name: s.manifest_sha256 for s in splits},
         "counts": {s.name: len(s.paths) for s in splits},

@@ -1,6 +1,6 @@
 """train.py's stage: train the classifier head on the frozen VGG-Face base.
 
-``run_stage(cfg, args)`` loads ``work_dir/model/base.keras`` and the train/val manifests, cuts
+``run_stage(cfg, early_stopping=True)`` loads ``work_dir/model/base.keras`` and the train/val manifests, cuts
 the base at ``model.embedding_layer`` (and, with ``train.trainable_from``, unfreezes it from
 that layer on), and trains a head of dense layers with Adam, categorical cross-entropy and
 early stopping on the validation loss (best weights restored).
@@ -14,10 +14,13 @@ Both paths read the examples in the same seeded order (a fresh permutation per e
 from ``seed``) and the head's initial weights come from seeded initialisers, so a run is
 reproducible and the two paths end with the same weights up to float rounding.
 
-Writes ``work_dir/model/classifier.keras`` (the base up to the embedding layer plus the head:
-RGB 0-255 images at the base's input size in, softmax probabilities in ``cfg.classes`` order
-out), ``classifier.json``, and ``work_dir/reports/{history.csv, training_curves.png,
-train_summary.json}``, all together at the end: a run that fails writes none of them.
+Writes ``work_dir/model/classifier.keras`` (what was trained, alone: the head, plus the base
+layers unfrozen by ``train.trainable_from``; the frozen base's features in, softmax probabilities
+in ``cfg.classes`` order out), ``classifier.json`` (classes, image policy, precision, where the
+base was cut, the base's content hash and the content hashes of every training and validation
+image), and ``work_dir/reports/{history.csv, training_curves.png, train_summary.json}``, all
+together at the end: a run that fails writes none of them. ``classifier.Classifier.load``
+composes base and head again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from . import features
 from .errors import DataError, ModelFileError, PipelineError
+from .classifier import FORMAT as CLASSIFIER_FORMAT
 from .features import Split
 from .images import resolve_policy
 from .progress import keras_verbose
@@ -41,7 +45,6 @@ from .workdir import WorkDir, atomic_paths, read_json, require
 
 DATA_STAGE = "data_preprocess.py"
 CONVERSION_STAGE = "model_conversion.py"
-CLASSIFIER_FORMAT = 1
 
 
 class TrainingDivergedError(PipelineError):
@@ -61,7 +64,8 @@ def read_split(cfg, work: WorkDir, name: str) -> Split:
         raise DataError(f"{path}: the {name} manifest lists no images{why}; run `python {DATA_STAGE}` again")
     index = {c: i for i, c in enumerate(cfg.classes)}
     labels = np.array([index[e.label] for e in entries], np.int64)
-    return Split(name, path, [Path(e.path) for e in entries], labels, features.sha256_file(path))
+    return Split(name, path, [Path(e.path) for e in entries], labels, features.sha256_file(path),
+                 [e.sha256 for e in entries])
 
 
 def read_base_info(work: WorkDir) -> dict:
@@ -247,14 +251,15 @@ def fit(model, train_ds, val_ds, steps_per_epoch: int, cfg, early_stopping: bool
 
 
 # --------------------------------------------------------------------------- the stage
-def run_stage(cfg, args=None) -> dict:
+def run_stage(cfg, *, early_stopping: bool = True) -> dict:
     """Train and write the classifier and its reports; return ``train_summary.json``'s dict.
 
-    ``args.no_early_stopping`` (train.py's ``--no-early-stopping``): train exactly
+    ``early_stopping=False`` (train.py's ``--no-early-stopping``): train exactly
     ``train.max_epochs`` epochs and keep the last weights.
     """
+    from .precision import resolve_precision, with_precision
+
     started = time.perf_counter()
-    early_stopping = not getattr(args, "no_early_stopping", False)
     work = WorkDir(cfg.work_dir)
     # inputs in the order of the stages that make them, so the error names the first to run
     splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
@@ -264,6 +269,9 @@ def run_stage(cfg, args=None) -> dict:
     policy = resolve_policy(cfg, base_info)
     classes = cfg.classes
     verbose = keras_verbose()  # 1 in a terminal or notebook, 2 in a log file
+    precision = resolve_precision(cfg.model.precision)
+    print(f"precision: the frozen base runs in {precision.name}"
+          + (f" ({precision.reason})" if precision.reason else ""))
 
     import keras
 
@@ -290,10 +298,11 @@ def run_stage(cfg, args=None) -> dict:
     traps = ()
     cache_info: dict = {"enabled": bool(cfg.train.cache)}
 
+    with strategy.scope():
+        extractor = with_precision(features.frozen_model(cut), precision)
     if cfg.train.cache:
-        key = features.cache_key(base_sha256, cut.feature_layer, policy, splits, fingerprint)
-        with strategy.scope():
-            extractor = features.frozen_model(cut)
+        key = features.cache_key(base_sha256, cut.feature_layer, policy, splits, fingerprint,
+                                 precision=precision.name)
         cached = features.cached_features(work.features, key, extractor, splits, policy, batch,
                                           strategy, verbose=verbose)
         print(f"features of {cut.feature_layer!r} {cached.status}: {cached.folder}")
@@ -304,8 +313,7 @@ def run_stage(cfg, args=None) -> dict:
         val_ds = feature_dataset(cached.arrays["val"], y_val, batch)
         with strategy.scope():
             head = build_head(cfg.train.hidden_units, cfg.train.dropout, n_classes, cfg.seed, flatten)
-            inputs = keras.Input(cut.feature_shape(), name="features")
-            model = keras.Model(inputs, features.apply_layers(inputs, cut.trainable + head), name="head")
+            model = head_model(cut, head)
     else:
         extract_seconds = 0.0
         traps = (features.ErrorTrap(f" (listed in {train.manifest})"),
@@ -314,21 +322,31 @@ def run_stage(cfg, args=None) -> dict:
         val_ds = image_epochs(val, y_val, policy, batch, traps[1])
         with strategy.scope():
             head = build_head(cfg.train.hidden_units, cfg.train.dropout, n_classes, cfg.seed, flatten)
-            model = _classifier(cut, head)
+            images = keras.Input(cut.input_shape, name="image")
+            model = keras.Model(images, features.apply_layers(extractor(images), cut.trainable + head))
 
     result = fit(model, train_ds, val_ds, steps, cfg, early_stopping, strategy, traps, verbose)
-    classifier = model if not cfg.train.cache else _classifier(cut, head)
+    # What was trained, alone and uncompiled (no optimizer state in the file): the base stays in base.keras.
+    trained = head_model(cut, head)
 
     info = {
         "format": CLASSIFIER_FORMAT,
         "classes": classes,
         "input_size": list(policy.size),
         "policy": policy.to_dict(),
+        "precision": precision.to_dict(),
         "embedding_layer": cut.embedding_layer,
+        "trainable_from": cut.trainable_from,
+        "feature_layer": cut.feature_layer,
+        "feature_shape": list(cut.feature_shape()),
         "base_sha256": base_sha256,
         "source_sha256": (base_info.get("source") or {}).get("sha256"),
-        "trainable_from": cut.trainable_from,
         "head": {"hidden_units": list(cfg.train.hidden_units), "dropout": cfg.train.dropout},
+        # What it was trained on, by content: predict.py refuses a test set that overlaps it.
+        "lineage": {
+            "manifests": {s.name: s.manifest_sha256 for s in splits},
+            "images_sha256": sorted({h for s in splits for h in s.hashes}),
+        },
     }
     best = result.best_epoch - 1
     summary = {
@@ -350,9 +368,10 @@ def run_stage(cfg, args=None) -> dict:
         "strategy": cfg.train.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
         "cache": cache_info,
+        "precision": precision.name,
         "seed": cfg.seed,
     }
-    write_outputs(work, classifier, info, result, summary)
+    write_outputs(work, trained, info, result, summary)
     kept = result.kept_epoch - 1
     print(f"trained {result.epochs_run} epoch(s)" + (" (stopped early)" if result.stopped_early else "")
           + f"; kept epoch {result.kept_epoch}: val_loss {result.history['val_loss'][kept]:.4f}, "
@@ -361,13 +380,12 @@ def run_stage(cfg, args=None) -> dict:
     return summary
 
 
-def _classifier(cut, head):
-    """Images (RGB 0-255) -> base up to the embedding layer -> head -> probabilities."""
+def head_model(cut, head):
+    """The feature layer's activations -> unfrozen base layers (if any) -> head -> probabilities."""
     import keras
 
-    images = keras.Input(cut.input_shape, name="image")
-    outputs = features.apply_layers(images, cut.frozen + cut.trainable + head)
-    return keras.Model(images, outputs, name="classifier")
+    inputs = keras.Input(cut.feature_shape(), name="features")
+    return keras.Model(inputs, features.apply_layers(inputs, cut.trainable + head), name="head")
 
 
 HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")

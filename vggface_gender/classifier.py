@@ -213,7 +213,8 @@ class Classifier:
             return load_image(item, self.policy)
         if isinstance(item, Image.Image):
             filename = getattr(item, "filename", "")
-            if filename and getattr(item, "im", None) is None and os.path.isfile(filename):
+            # ``tile`` lists the undecoded data: non-empty until ``load()`` (Pillow's ImageFile)
+            if filename and getattr(item, "tile", None) and os.path.isfile(filename):
                 # opened lazily and not decoded yet: decode the file exactly as a path would be
                 # (reduced-size JPEG decoding included), leaving the caller's object untouched
                 return load_image(filename, self.policy)

@@ -248,3 +248,32 @@ def test_a_test_manifest_edited_to_hold_a_training_image_names_data_preprocess(p
     assert predict.main(["--config", str(config_file(pipeline, work))]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "1 of the 17 test images" in err[-1] and "re-run `python data_preprocess.py`" in err[-1], err
+
+
+# --------------------------------------------------------------------------- precision
+def test_precision_is_recorded_and_a_different_one_at_prediction_says_so(pipeline, tmp_path, monkeypatch, capsys):
+    from vggface_gender import precision
+
+    work = pipeline["work"]
+    info = json.loads((work / "model" / "classifier.json").read_text())
+    assert info["precision"]["precision"] == "float32"
+    metas = [json.loads(p.read_text()) for p in (work / "features").glob("*/meta.json")]
+    assert metas and all(m["key"]["precision"] == "float32" for m in metas)
+    capsys.readouterr()
+    Classifier.load(work, precision="bfloat16")  # AMX here or not: either kept or fallen back, said
+    assert "note: the base runs in" in capsys.readouterr().err
+
+    # auto on a machine with AMX and oneDNN (mocked): bfloat16 everywhere it matters
+    amx = precision.Hardware(frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), onednn=True, gpus=())
+    monkeypatch.setattr(precision, "detect_hardware", lambda: amx)
+    other = copy_of(pipeline, tmp_path)
+    summary = train(other, data_root=pipeline["data"], hidden_units=[16], max_epochs=2, batch_size=8,
+                    precision="auto")
+    assert summary["precision"] == "bfloat16"
+    assert json.loads((other / "model" / "classifier.json").read_text())["precision"]["precision"] == "bfloat16"
+    metas = [json.loads(p.read_text()) for p in (other / "features").glob("*/meta.json")]
+    assert [m["key"]["precision"] for m in metas] == ["bfloat16"]
+    clf = Classifier.load(other)
+    assert clf.precision == "bfloat16"
+    report = evaluate(other, data_root=pipeline["data"], bootstrap=20)
+    assert report["precision"] == "bfloat16"

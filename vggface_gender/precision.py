@@ -89,21 +89,16 @@ def onednn_enabled() -> bool:
     """Whether TensorFlow's oneDNN CPU kernels are on in this process.
 
     ``TF_ENABLE_ONEDNN_OPTS=0`` (or ``false``) turns them off; otherwise they are on where the
-    build has them (TensorFlow's Linux x86 builds do, by default, since 2.9). TensorFlow has no
-    public query for it, so the build check asks its internal port utility when it exists and
-    otherwise trusts the default of Linux/Windows x86 builds.
+    build has them: TensorFlow's x86-64 builds do, by default, since 2.9. TensorFlow has no public
+    query for it (only a private module, which this package does not import), so the build is
+    judged by the platform.
     """
+    import platform
+
     env = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
     if env in ("0", "false"):
         return False
-    try:
-        from tensorflow.python.util import _pywrap_util_port  # not public: guarded
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except Exception:  # noqa: BLE001 - any failure: fall back to the platform default
-        import platform
-
-        return env in ("1", "true") or platform.machine().lower() in ("x86_64", "amd64")
+    return env in ("1", "true") or platform.machine().lower() in ("x86_64", "amd64")
 
 
 def visible_gpus() -> tuple:

@@ -185,7 +185,7 @@ def _iou(a, b) -> float:
 # --------------------------------------------------------------------------- composed photos
 def _backgrounds():
     """Face-free photos: scikit-image's samples (no people) and noise, seeded."""
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata  # a test requirement (requirements-test.txt): a broken install fails
     names = ["coffee", "chelsea", "rocket", "coins", "moon", "page", "horse", "hubble_deep_field",
              "grass", "gravel", "brick", "text", "retina", "immunohistochemistry", "logo", "cell",
              "colorwheel", "clock", "microaneurysms"]

@@ -510,7 +510,7 @@ def test_read_manifest_round_trip_and_errors(data30):
     cfg = load_config(data30 / "config.yaml", [f"work_dir={data30 / 'work'}"])
     train = dataset.load_split(cfg, "train")
     assert len(train) == 16 and all(e.path.is_absolute() and e.path.is_file() for e in train)
-    assert {label for _, label in train} == {"female", "male"}
+    assert {e.label for e in train} == {"female", "male"}
     rows = read_rows(data30 / "work" / "splits" / "train.csv")
     assert [e.path for e in train] == [data30 / "data" / r[0] for r in rows]
 

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import metrics
+from . import features, metrics
 from .errors import ConfigError, DataError, ImageError, ModelFileError, PipelineError
 from .images import IMAGE_EXTENSIONS, find_images
 from .classifier import Classifier, file_sha256, read_info
@@ -271,7 +271,7 @@ def evaluate(cfg, stream=None) -> dict:
     report["model"] = str(work.classifier)
     report["policy"] = classifier.policy.to_dict()
     report["precision"] = classifier.precision
-    report["lineage"] = lineage | {"classifier_sha256": file_sha256(work.classifier),
+    report["lineage"] = lineage | {"classifier_sha256": features.keras_model_sha256(work.classifier),
                                    "base_sha256": info["base_sha256"]}
     y_pred = probs.argmax(axis=1)
     if rule is not None:

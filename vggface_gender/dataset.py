@@ -79,11 +79,27 @@ _ORDER_DOMAIN = b"vggface_gender.dataset.order\0"
 # --------------------------------------------------------------------------- manifests (read side)
 class ManifestEntry(NamedTuple):
     """One manifest row for train/predict: the image's absolute path, its class name and the
-    SHA-256 of its bytes when the split was made (the image's identity for lineage checks)."""
+    SHA-256 of its bytes when the split was made (the image's identity for lineage checks).
+
+    With face detection on, ``image`` is the face crop written under ``work_dir`` and
+    ``image_sha256`` its hash; the network sees the crop, the lineage stays the user's file.
+    """
 
     path: Path
     label: str
     sha256: str
+    image: Path | None = None
+    image_sha256: str | None = None
+
+    @property
+    def source(self) -> Path:
+        """The file the network decodes: the face crop if there is one, else the image."""
+        return self.image or self.path
+
+    @property
+    def source_sha256(self) -> str:
+        """The content hash of ``source`` (what the feature cache is keyed and checked by)."""
+        return self.image_sha256 or self.sha256
 
 
 def read_manifest(path: str | os.PathLike, data_root: str | os.PathLike,

@@ -259,8 +259,9 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
 # --------------------------------------------------------------------------- the cache
 @dataclass
 class Split:
-    """One manifest: absolute image paths, label indices, the manifest file's checksum and each
-    image's content hash (as the manifest lists it)."""
+    """One manifest: the absolute paths of the files the network decodes, label indices, the
+    manifest file's checksum, each image's content hash as the manifest lists it (the user's
+    file: lineage) and that of the decoded file (the face crop, when detection made one)."""
 
     name: str
     manifest: Path
@@ -268,6 +269,7 @@ class Split:
     labels: np.ndarray
     manifest_sha256: str
     hashes: list = field(default_factory=list)
+    source_hashes: list = field(default_factory=list)
 
 
 def image_fingerprint(splits: Sequence[Split]) -> str:

@@ -64,8 +64,8 @@ def read_split(cfg, work: WorkDir, name: str) -> Split:
         raise DataError(f"{path}: the {name} manifest lists no images{why}; run `python {DATA_STAGE}` again")
     index = {c: i for i, c in enumerate(cfg.classes)}
     labels = np.array([index[e.label] for e in entries], np.int64)
-    return Split(name, path, [Path(e.path) for e in entries], labels, features.sha256_file(path),
-                 [e.sha256 for e in entries])
+    return Split(name, path, [Path(e.source) for e in entries], labels, features.sha256_file(path),
+                 [e.sha256 for e in entries], [e.source_sha256 for e in entries])
 
 
 def read_base_info(work: WorkDir) -> dict:

@@ -40,7 +40,8 @@ def install_base(source_dir: Path, work_dir: Path) -> None:
     """Copy a converted base into ``work_dir/model`` (conversion runs once per session)."""
     target = Path(work_dir) / "model"
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("base.keras", "base.json"):
+    # copy2 keeps sizes and mtimes: the commit record still vouches for the copies
+    for name in ("base.keras", "base.json", "model_conversion.commit.json"):
         shutil.copy2(Path(source_dir) / name, target / name)
 
 
@@ -76,12 +77,24 @@ def make_data(root: Path, work_dir: Path, *, per_class: int = 24, n_val: int = 8
         train_labels = list(rng.permutation(train_labels))
         val_labels = list(rng.permutation(val_labels))
     splits = Path(work_dir) / "splits"
-    return {
+    manifests = {
         "train": write_manifest(splits / "train.csv", root, train_files, train_labels),
         "val": write_manifest(splits / "val.csv", root, val_files, val_labels),
+    }
+    commit_splits(work_dir)
+    return manifests | {
         "train_files": train_files, "val_files": val_files,
         "train_labels": train_labels, "val_labels": val_labels,
     }
+
+
+def commit_splits(work_dir: Path) -> None:
+    """Record the manifests in ``work_dir/splits`` as data_preprocess.py's output set (as the
+    stage does after writing them), so that train.py and predict.py accept them."""
+    from vggface_gender.workdir import WorkDir, commit_set
+
+    work = WorkDir(work_dir)
+    commit_set(work.splits_record, sorted(work.splits.glob("*.csv")), "data_preprocess.py")
 
 
 def config(tmp: Path, work_dir: Path, root: Path, **overrides):

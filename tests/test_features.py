@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 
 import numpy as np
 import pytest
@@ -86,19 +86,19 @@ def test_a_cache_is_reused_and_rebuilt_when_an_input_changes(tmp_path_factory, p
     manifest = project.work / "splits" / "train.csv"
     original = manifest.read_bytes()
     manifest.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
+    H.commit_splits(project.work)
     changed = _status(project)
     assert changed["status"] == "built" and changed["folder"] != first["folder"]
     manifest.write_bytes(original)
+    H.commit_splits(project.work)
     assert _status(project) == first | {"status": "reused"}
 
     # the resize policy
     assert _status(project, "images.resize=crop")["status"] == "built"
-    # an image edited after data_preprocess.py ran (same name, other pixels)
+    # the key is the images' content, not their dates (an edited image: test_crash_safety.py)
     image = project.data["train_files"][0]
-    saved = image.read_bytes()
-    shutil.copyfile(project.data["train_files"][1], image)
-    assert _status(project)["status"] == "built"
-    image.write_bytes(saved)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert _status(project) == first | {"status": "reused"}
     # the model: another conversion (other weights)
     H.install_base(H.base_once(tmp_path_factory, seed=1), project.work)
     assert _status(project)["status"] == "built"
@@ -117,12 +117,19 @@ def test_a_damaged_cache_entry_is_rebuilt(project):
     assert np.load(f"{again['folder']}/train.npy").shape[0] == len(project.data["train_files"])
 
 
-def test_a_failed_extraction_leaves_no_entry(project, capsys):
+def test_a_failed_extraction_leaves_no_committed_entry_and_resumes(project, capsys):
     bad = project.data["val_files"][-1]
+    saved = bad.read_bytes()
     bad.write_bytes(b"not an image at all")
     assert project.train() == 1
     assert str(bad) in capsys.readouterr().err
-    assert list((project.work / "features").iterdir()) == []
+    [entry] = list((project.work / "features").iterdir())
+    assert not (entry / "meta.json").exists()  # no commit record: never served
+    bad.write_bytes(saved)
+    resumed = _status(project)  # the training features, complete before the failure, are kept
+    assert resumed["status"] == "resumed" and resumed["folder"] == str(entry)
+    assert "features of 'relu7' resumed" in capsys.readouterr().out
+    assert (entry / "meta.json").exists() and not (entry / "progress.json").exists()
 
 
 def test_the_base_models_hash_ignores_its_save_date_but_not_its_weights(tmp_path):

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ImageError, ModelFileError, PipelineError
 from .images import ImagePolicy, load_image, resize, to_rgb
-from .workdir import WorkDir, read_json, require
+from .workdir import WorkDir, read_json, require_set
 
 TRAIN_STAGE = "train.py"
 CONVERSION_STAGE = "model_conversion.py"
@@ -46,8 +46,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def read_info(work: WorkDir) -> dict:
     """``classifier.json``, checked: format, classes, policy. One-line errors name train.py."""
-    require(work.classifier, TRAIN_STAGE, "trained classifier")
-    path = require(work.classifier_info, TRAIN_STAGE, "classifier description")
+    require_set(work.classifier_record, TRAIN_STAGE, work.classifier, "trained classifier")
+    path = work.classifier_info
     try:
         info = read_json(path)
     except (OSError, ValueError) as exc:
@@ -120,7 +120,7 @@ class Classifier:
 
         work = WorkDir(work_dir)
         info = read_info(work)
-        require(work.base_model, CONVERSION_STAGE, "base model")
+        require_set(work.base_record, CONVERSION_STAGE, work.base_model, "base model")
         base_sha256 = features.keras_model_sha256(work.base_model)
         if base_sha256 != info["base_sha256"]:
             raise ModelFileError(

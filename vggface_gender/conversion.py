@@ -24,6 +24,7 @@ base.json (``format`` 1):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -34,10 +35,13 @@ from tqdm.auto import tqdm
 
 from . import matconvnet
 from .errors import ImageError, ModelFileError
-from .workdir import WorkDir, atomic_path, write_json
+from .workdir import WorkDir, atomic_paths
 
 FORMAT = 1
-MODEL_FILE, INFO_FILE = WorkDir(".").base_model.name, WorkDir(".").base_info.name  # base.keras, base.json
+STAGE_SCRIPT = "model_conversion.py"
+# base.keras, base.json, model_conversion.commit.json
+MODEL_FILE, INFO_FILE, RECORD_FILE = (WorkDir(".").base_model.name, WorkDir(".").base_info.name,
+                                      WorkDir(".").base_record.name)
 
 
 def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
@@ -93,8 +97,9 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     start = time.perf_counter()
     model_path, info_path = out_dir / MODEL_FILE, out_dir / INFO_FILE
     say(f"saving {model_path}")
-    with atomic_path(model_path) as tmp_model:
-        keras_model.save_model(model, tmp_model)
+    # one set: the commit record, written last, vouches for base.keras and base.json together
+    with atomic_paths({"model": model_path, "info": info_path}, out_dir / RECORD_FILE, STAGE_SCRIPT) as tmp:
+        keras_model.save_model(model, tmp["model"])
         timings["save"] = time.perf_counter() - start
         start = time.perf_counter()
         digest, size_bytes = _sha256(mat_path)
@@ -103,7 +108,7 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
             raise ModelFileError(f"{mat_path}: the file changed while it was being converted; "
                                  f"convert it again")
         info["source"].update(size_bytes=size_bytes, sha256=digest)
-        write_json(info_path, info)
+        tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
 
@@ -175,7 +180,7 @@ def verify(cfg, model_path, info: dict, images, top: int = 5, stream=None) -> li
     from .keras_model import load_saved_model
 
     stream = stream or sys.stdout
-    model = load_saved_model(model_path, "converted model", "model_conversion.py")
+    model = load_saved_model(model_path, "converted model", STAGE_SCRIPT)
     policy = resolve_policy(cfg, info)
     classes = info.get("classes")
     last = model.layers[-1]

@@ -28,7 +28,7 @@ The stage (``run_stage``), in order:
    so counts hold exactly where the groups allow, else to within one group's size.
 7. **Write** ``work_dir/splits/{train,val,test}.csv`` (``path,label,sha256``; path relative to
    ``data.root`` with ``/`` separators; rows sorted by class, then path) and ``summary.json``,
-   each atomically. No timestamps: the same images, config and seed give byte-identical files.
+   as one set with its commit record (``workdir.atomic_paths``). No timestamps: the same images, config and seed give byte-identical files.
 
 Nothing under ``data.root`` is created, changed or removed; files are only opened for reading.
 Imports neither TensorFlow nor matplotlib.
@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import sys
@@ -54,7 +55,7 @@ from . import grouping, images
 from .config import ALL
 from .errors import ConfigError, DataError, ImageError
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, require, write_json
+from .workdir import WorkDir, atomic_paths, require
 
 SPLITS = ("train", "val", "test")
 MANIFEST_HEADER = ("path", "label", "sha256")
@@ -759,15 +760,13 @@ def _manifest_text(rows: list[tuple[str, str, str]]) -> str:
 def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_info=None,
                    group_info=None) -> dict:
     wd = WorkDir(cfg.work_dir)
-    manifests = {}
+    manifests, texts = {}, {}
     for split in SPLITS:
         # Sorted by class (label order), then path: stable and easy to diff.
         ordered = sorted(rows[split], key=lambda r: (classes.index(r[1]), r[0]))
-        text = _manifest_text(ordered)
-        with atomic_open(wd.manifest(split), "w") as f:
-            f.write(text)
+        texts[split] = _manifest_text(ordered)
         manifests[split] = {"file": wd.manifest(split).name, "rows": len(ordered),
-                            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+                            "sha256": hashlib.sha256(texts[split].encode("utf-8")).hexdigest()}
     skipped_sorted = sorted(skipped, key=lambda s: (s.path, s.reason, s.detail))
     data = cfg.data
     summary = {
@@ -797,8 +796,12 @@ def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_i
         "near_duplicates": near_info,
         "groups": group_info,
     }
-    # summary.json last: when it is there and matches, the manifests beside it are complete.
-    write_json(wd.split_summary, summary)
+    texts["summary"] = json.dumps(summary, indent=2) + "\n"
+    outputs = {split: wd.manifest(split) for split in SPLITS} | {"summary": wd.split_summary}
+    # one set: the commit record, written last, vouches for the four files together
+    with atomic_paths(outputs, wd.splits_record, STAGE_SCRIPT) as tmp:
+        for name, path in tmp.items():
+            path.write_bytes(texts[name].encode("utf-8"))
     if not quiet:
         _print_report(wd, cfg.seed, classes, summary)
     return summary

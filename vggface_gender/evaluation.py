@@ -34,7 +34,7 @@ from .errors import ConfigError, DataError, ImageError, ModelFileError, Pipeline
 from .images import IMAGE_EXTENSIONS, find_images
 from .classifier import Classifier, file_sha256, read_info
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, atomic_paths, read_json, require
+from .workdir import WorkDir, atomic_open, atomic_paths, read_json, require_set
 
 TRAIN_STAGE = "train.py"
 DATA_STAGE = "data_preprocess.py"
@@ -67,7 +67,8 @@ def read_test_manifest(cfg, work: WorkDir, classes: Sequence[str]) -> tuple[Path
     """
     from .dataset import read_manifest
 
-    path = require(work.manifest("test"), DATA_STAGE, "test manifest")
+    path = work.manifest("test")
+    require_set(work.splits_record, DATA_STAGE, path, "test manifest")
     entries = read_manifest(path, cfg.data.root)
     if not entries:
         raise PipelineError(f"{path}: the test manifest lists no images; run `python {DATA_STAGE}` again")
@@ -229,7 +230,7 @@ def evaluate(cfg, stream=None) -> dict:
     """Evaluate on the test manifest; write the reports; print the table; return metrics.json's dict."""
     stream = stream or sys.stdout
     work = WorkDir(cfg.work_dir)
-    require(work.manifest("test"), DATA_STAGE, "test manifest")
+    require_set(work.splits_record, DATA_STAGE, work.manifest("test"), "test manifest")
     # Everything that can be checked cheaply is checked before the slow model load.
     info = read_info(work)
     classes = [str(c) for c in info["classes"]]
@@ -298,7 +299,7 @@ def _write_reports(work: WorkDir, report: dict, rel_paths, abs_paths, y_true, y_
     names = ["predictions.csv", "roc_curve.png", "confusion_matrix.png", "errors.png", "metrics.json"]
     if report.get("groups"):
         names.append("groups.png")
-    with atomic_paths({name: out / name for name in names}) as tmp:
+    with atomic_paths({name: out / name for name in names}, work.reports_record, "predict.py") as tmp:
         with open(tmp["predictions.csv"], "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["path", "label", "predicted", *(f"prob_{c}" for c in classes)])
@@ -371,8 +372,7 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     stderr = stderr or sys.stderr
     if classifier is None:
         work = WorkDir(cfg.work_dir)
-        require(work.classifier, TRAIN_STAGE, "trained classifier")
-        require(work.classifier_info, TRAIN_STAGE, "classifier description")
+        read_info(work)  # before the files are listed: a missing classifier is the first thing to say
     files, empty = expand_inputs(inputs)
     if not files:
         raise PipelineError(f"no image files to classify in {', '.join(str(i) for i in inputs)} "

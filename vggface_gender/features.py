@@ -7,11 +7,15 @@ whose output (the *feature layer*) is what the cache stores.
 
 The cache lives in ``work_dir/features/<key>/`` as ``train.npy`` and ``val.npy`` (float32, one
 row per manifest row, in manifest order) and ``meta.json``. The key is a hash of everything
-the features depend on: the content of ``base.keras`` (config and weights, not its save date), the feature layer, the image policy, the
-bytes of the manifests (rows, order and each image's content hash) and each listed image file's
-size and modification time (an image edited after ``data_preprocess.py`` ran). A changed input
-changes the key, so it is never served stale. An entry is written to a temporary folder and
-renamed into place whole, so an interrupted run leaves no entry a later run would trust.
+the features depend on: the content of ``base.keras`` (config and weights, not its save date),
+the feature layer, the image policy, the precision and the content hash of every image the
+network decodes, in manifest order (``Split.source_hashes``). Each image's bytes are checked
+against that hash as they are decoded, so an image changed after ``data_preprocess.py`` ran is
+an error naming it, never stale features. An entry is written in place, in chunks of whole
+batches with a progress record (``progress.json``) rewritten after each chunk is on disk, so a
+killed run resumes at its last complete chunk; ``meta.json`` is the entry's commit record
+(``workdir.commit_set``), written last: without it, or with a file that does not match it, the
+entry is not used.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,11 +35,15 @@ import numpy as np
 
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
 from .progress import Progress
-from .workdir import fsync_file, write_json
+from .workdir import check_set, commit_set, fsync_file, kill_point, write_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: keyed by the images' paths, sizes and mtimes
 KEEP_ENTRIES = 3  # cache entries kept: the one in use and the most recently used others
-_STALE_TEMP_SECONDS = 6 * 3600  # a temporary entry this old belongs to a run that died
+# Batches per chunk: the progress record is rewritten (and the array flushed) once per chunk.
+# At least a few seconds of work per chunk on a GPU, at most a few minutes lost on a CPU.
+CHUNK_BATCHES = 8
+ENTRY_RECORD = "meta.json"
+PROGRESS = "progress.json"
 
 
 # --------------------------------------------------------------------------- hashing
@@ -213,9 +220,13 @@ class ErrorTrap:
 
 # --------------------------------------------------------------------------- extraction
 def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, strategy=None,
-            desc: str = "features", verbose: int = 1, where: str = "") -> None:
-    """Run ``model`` over the images at ``paths`` (streamed, in order) into ``out[i]``.
+            desc: str = "features", verbose: int = 1, where: str = "", hashes: Sequence[str] | None = None,
+            start: int = 0, on_batch=None) -> None:
+    """Run ``model`` over the images at ``paths[start:]`` (streamed, in order) into ``out[i]``.
 
+    ``hashes``: each image's expected content hash (checked as it is decoded). ``start`` must be
+    a multiple of ``batch_size``, so a resumed pass computes the very batches a whole one would.
+    ``on_batch(batch_index, rows_done)`` is called after each batch is in ``out``.
     Under a ``MirroredStrategy`` each batch is split over the replicas and gathered back in
     order. A bad image stops the pass with an ``ImageError`` naming the file.
     """
@@ -226,8 +237,11 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
     n = len(paths)
     if len(out) != n:
         raise ValueError(f"out has {len(out)} rows for {n} images")
+    if start % batch_size and start != n:
+        raise ValueError(f"start {start} is not a multiple of the batch size {batch_size}")
     trap = ErrorTrap(where)
-    dataset = trap.strip(image_dataset(paths, policy, batch_size)).with_options(pipeline_options())
+    dataset = image_dataset(paths[start:], policy, batch_size, hashes=None if hashes is None else hashes[start:])
+    dataset = trap.strip(dataset).with_options(pipeline_options())
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     if replicas > 1:
         dataset = strategy.experimental_distribute_dataset(dataset)
@@ -241,19 +255,20 @@ def extract(model, paths: Sequence, policy, batch_size: int, out: np.ndarray, st
         def step(images):
             return model(images, training=False)
 
-    done = 0
+    done = start
     with Progress(n, f"extracting {desc}", enabled=bool(verbose)) as bar:
-        for images in dataset:
+        bar.update(start)
+        for batch, images in enumerate(dataset, start=start // batch_size):
             values = step(images).numpy()
             trap.check()
             out[done:done + len(values)] = values
             done += len(values)
             bar.update(len(values))
+            if on_batch is not None:
+                on_batch(batch, done)
     trap.check()
     if done != n:  # pragma: no cover - the pipeline yields every row
         raise RuntimeError(f"extracted {done} of {n} images")
-
-
 
 
 # --------------------------------------------------------------------------- the cache
@@ -272,27 +287,8 @@ class Split:
     source_hashes: list = field(default_factory=list)
 
 
-def image_fingerprint(splits: Sequence[Split]) -> str:
-    """A hash of every listed image's path, size and modification time.
-
-    Cheap (one ``stat`` per file) and checks up front that every image is still there: a
-    vanished file is a one-line ``ImageError`` naming it and its manifest.
-    """
-    files = []
-    for split in splits:
-        for path in split.paths:
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                raise ImageError(f"{path}: file not found (listed in {split.manifest})") from None
-            except OSError as exc:
-                raise ImageError(f"{path}: cannot read ({exc.strerror}; listed in {split.manifest})") from None
-            files.append(f"{os.fspath(path)}\t{st.st_size}\t{st.st_mtime_ns}")
-    return _sha256_text(files)
-
-
 def cache_key(base_sha256: str, feature_layer: str, policy, splits: Sequence[Split],
-              fingerprint: str | None = None, precision: str = "float32") -> dict:
+              precision: str = "float32") -> dict:
     """Everything the cached features depend on (see the module docstring)."""
     return {
         "format": CACHE_FORMAT,
@@ -300,9 +296,8 @@ def cache_key(base_sha256: str, feature_layer: str, policy, splits: Sequence[Spl
         "feature_layer": feature_layer,
         "precision": precision,
         "policy": policy.to_dict(),
-        "manifests": {s.name: s.manifest_sha256 for s in splits},
+        "images": {s.name: _sha256_text(s.source_hashes) for s in splits},
         "counts": {s.name: len(s.paths) for s in splits},
-        "files": fingerprint or image_fingerprint(splits),
     }
 
 
@@ -313,31 +308,51 @@ def key_id(key: dict) -> str:
 @dataclass
 class CachedFeatures:
     arrays: dict          # split name -> float32 array (memory-mapped)
-    status: str           # "reused" | "built"
+    status: str           # "reused" | "built" | "resumed"
     folder: Path
     seconds: float        # time spent extracting (0 when reused)
 
 
-def load_entry(folder: Path, key: dict, names: Sequence[str]) -> dict | None:
-    """The arrays of a complete entry whose key matches exactly, else None."""
+def _open_arrays(folder: Path, counts: dict, names: Sequence[str], mode: str = "r") -> dict | None:
+    """The entry's arrays, memory-mapped, if each is float32 with the expected rows; else None."""
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("key") != key:
-            return None
-        arrays = {}
-        for name in names:
-            array = np.load(folder / f"{name}.npy", mmap_mode="r")
-            if array.dtype != np.float32 or len(array) != key["counts"][name]:
-                return None
-            arrays[name] = array
-        return arrays
-    except (OSError, ValueError):  # missing or damaged entry: rebuild it
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in names}
+    except (OSError, ValueError):  # missing or damaged
         return None
+    if any(a.dtype != np.float32 or len(a) != counts[name] for name, a in arrays.items()):
+        return None
+    return arrays
+
+
+def load_entry(folder: Path, key: dict, names: Sequence[str]) -> dict | None:
+    """The arrays of a committed entry whose key matches exactly, else None."""
+    record, _ = check_set(folder / ENTRY_RECORD)
+    if record is None or record.get("key") != key or any(f"{n}.npy" not in record["files"] for n in names):
+        return None
+    return _open_arrays(folder, key["counts"], names)
+
+
+def _resume_point(folder: Path, key: dict, names: Sequence[str], batch_size: int, replicas: int) -> dict:
+    """Rows already extracted per split by an interrupted run with the same key and batching
+    (same batches: same values), as its progress record says; ``{}`` to start afresh."""
+    try:
+        progress = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+        if (progress["key"], progress["batch_size"], progress["replicas"]) != (key, batch_size, replicas):
+            return {}
+        done = {name: int(progress["done"].get(name, 0)) for name in names}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    started = [name for name in names if done[name]]
+    if any(not 0 <= done[n] <= key["counts"][n] for n in names) or (
+            started and _open_arrays(folder, key["counts"], started) is None):
+        return {}
+    return done
 
 
 def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Sequence[Split],
                     policy, batch_size: int, strategy=None, verbose: int = 1) -> CachedFeatures:
-    """Reuse the entry for ``key`` or build it by running ``model`` over every split once."""
+    """Reuse the entry for ``key``, resume its interrupted extraction or build it by running
+    ``model`` over every split once."""
     cache_root = Path(cache_root)
     folder = cache_root / key_id(key)
     names = [s.name for s in splits]
@@ -347,48 +362,53 @@ def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Seq
             os.utime(folder)  # most recently used: pruning keeps it
         return CachedFeatures(arrays, "reused", folder, 0.0)
 
-    cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(cache_root)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    done = _resume_point(folder, key, names, batch_size, replicas)
+    if not done:  # nothing to resume: whatever is there (a damaged entry, an old run's rows) goes
+        shutil.rmtree(folder, ignore_errors=True)
+        done = {name: 0 for name in names}
+    folder.mkdir(parents=True, exist_ok=True)
+    resumed = any(done.values())
     shape = tuple(int(d) for d in model.outputs[0].shape[1:])
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".tmp-"))
-    try:
-        for split in splits:
-            out = np.lib.format.open_memmap(tmp / f"{split.name}.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(split.paths), *shape))
-            extract(model, split.paths, policy, batch_size, out, strategy,
-                    desc=f"{split.name} features", verbose=verbose,
-                    where=f" (listed in {split.manifest})")
+    for split in splits:
+        n = len(split.paths)
+        if done[split.name] == n and n:
+            continue
+        path = folder / f"{split.name}.npy"
+        out = np.lib.format.open_memmap(path, mode="r+" if done[split.name] else "w+",
+                                        dtype=np.float32, shape=(n, *shape))
+        if done[split.name]:
+            print(f"resuming the {split.name} features at image {done[split.name] + 1} of {n}")
+
+        def save(rows, out=out, path=path, name=split.name):
             out.flush()
-            del out
-        seconds = time.perf_counter() - start
-        write_json(tmp / "meta.json", {"key": key, "shape": list(shape),
-                                       "extract_seconds": round(seconds, 3),
-                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        for name in names:
-            fsync_file(tmp / f"{name}.npy")
-        if folder.exists():
-            if load_entry(folder, key, names) is not None:  # another run finished it meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
-                return CachedFeatures(load_entry(folder, key, names), "built", folder, seconds)
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged entry under the same name
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            fsync_file(path)
+            done[name] = rows  # only now: the rows it vouches for are on disk
+            write_json(folder / PROGRESS, {"key": key, "batch_size": batch_size, "replicas": replicas,
+                                           "done": done})
+
+        def after_batch(batch, rows, name=split.name, save=save):
+            kill_point(f"extract:{name}:{batch}")
+            if (batch + 1) % CHUNK_BATCHES == 0:
+                save(rows)
+
+        extract(model, split.paths, policy, batch_size, out, strategy, desc=f"{split.name} features",
+                verbose=verbose, where=f" (listed in {split.manifest})", hashes=split.source_hashes,
+                start=done[split.name], on_batch=after_batch)
+        save(n)
+        del out
+    seconds = time.perf_counter() - start
+    commit_set(folder / ENTRY_RECORD, [folder / f"{name}.npy" for name in names], "train.py",
+               {"key": key, "shape": list(shape), "extract_seconds": round(seconds, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    with contextlib.suppress(FileNotFoundError):
+        (folder / PROGRESS).unlink()
     prune(cache_root, keep=folder)
     arrays = load_entry(folder, key, names)
     if arrays is None:  # pragma: no cover - we just wrote it
         raise PipelineError(f"{folder}: feature cache could not be read back")
-    return CachedFeatures(arrays, "built", folder, seconds)
-
-
-def _remove_stale_temporaries(cache_root: Path) -> None:
-    now = time.time()
-    for entry in cache_root.glob(".tmp-*"):
-        with contextlib.suppress(OSError):
-            if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
+    return CachedFeatures(arrays, "resumed" if resumed else "built", folder, seconds)
 
 
 def prune(cache_root: Path, keep: Path, limit: int = KEEP_ENTRIES) -> None:

@@ -15,6 +15,8 @@ Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False`` and forces the full
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import warnings
@@ -85,12 +87,14 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | os.PathLike, policy: ImagePolicy | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike, policy: ImagePolicy | None = None,
+               sha256: str | None = None) -> np.ndarray:
     """Decode ``path`` to uint8 RGB ``(H, W, 3)``; resize to ``policy.size`` when a policy is given.
 
-    Raises ``ImageError`` (one line, naming the file) for anything unreadable.
+    With ``sha256`` (the hash a split manifest lists), the bytes decoded must have that hash.
+    Raises ``ImageError`` (one line, naming the file) for anything unreadable or changed.
     """
-    img = open_rgb(path, policy)
+    img = _open(path, policy, grey=False, sha256=sha256)
     try:
         if policy is not None:
             img = resize(img, policy)
@@ -124,28 +128,31 @@ def open_grey(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Ima
     return _open(path, policy, grey=True)
 
 
-def _open(path, policy: ImagePolicy | None, grey: bool) -> Image.Image:
+def _open(path, policy: ImagePolicy | None, grey: bool, sha256: str | None = None) -> Image.Image:
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise ImageError(f"{path}: empty file")
-            try:
-                img = Image.open(f, formats=DECODE_FORMATS)
-            except UnidentifiedImageError:
-                raise ImageError(f"{path}: not an image file "
-                                 f"(not JPEG, PNG, BMP, GIF, WebP or TIFF data)") from None
-            orientation = _orientation(img)
-            if policy is not None and img.format in _JPEG_FORMATS:
-                img.draft("L" if grey else "RGB",
-                          _draft_size(img.size, policy, swap=orientation in (5, 6, 7, 8)))
-            # Image.open is lazy: load() decodes every byte now, so a truncated file raises
-            # here (LOAD_TRUNCATED_IMAGES is False) instead of yielding grey padding.
-            img.load()
-            if orientation != 1:
-                ImageOps.exif_transpose(img, in_place=True)
-            if grey:
-                return img if img.mode == "L" else to_rgb(img).convert("L")
-            return to_rgb(img)
+            data = f.read()  # in memory: the bytes hashed are the bytes decoded
+        if not data:
+            raise ImageError(f"{path}: empty file")
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ImageError(f"{path}: changed since the split was made; re-run `python data_preprocess.py`")
+        try:
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageError(f"{path}: not an image file "
+                             f"(not JPEG, PNG, BMP, GIF, WebP or TIFF data)") from None
+        orientation = _orientation(img)
+        if policy is not None and img.format in _JPEG_FORMATS:
+            img.draft("L" if grey else "RGB",
+                      _draft_size(img.size, policy, swap=orientation in (5, 6, 7, 8)))
+        # Image.open is lazy: load() decodes every byte now, so a truncated file raises
+        # here (LOAD_TRUNCATED_IMAGES is False) instead of yielding grey padding.
+        img.load()
+        if orientation != 1:
+            ImageOps.exif_transpose(img, in_place=True)
+        if grey:
+            return img if img.mode == "L" else to_rgb(img).convert("L")
+        return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:

@@ -20,10 +20,10 @@ from .images import ImagePolicy, load_image
 def _decode(policy: ImagePolicy):
     height, width = policy.size
 
-    def decode(path_bytes: bytes):
+    def decode(path_bytes: bytes, sha256: bytes):
         path = os.fsdecode(path_bytes)
         try:
-            return load_image(path, policy), b""
+            return load_image(path, policy, sha256.decode("ascii") or None), b""
         except ImageError as exc:
             return np.zeros((height, width, 3), np.uint8), str(exc).encode("utf-8")
 
@@ -51,22 +51,24 @@ def pipeline_options():
 
 
 def image_dataset(paths: Sequence[str | os.PathLike], policy: ImagePolicy, batch_size: int,
-                  labels: np.ndarray | None = None) -> tf.data.Dataset:
+                  labels: np.ndarray | None = None, hashes: Sequence[str] | None = None) -> tf.data.Dataset:
     """Batches of ``(images, errors)`` or, with ``labels``, ``(images, labels, errors)``.
 
     ``images`` is float32 ``(B, H, W, 3)`` RGB in 0-255 (what the converted models take);
     ``errors`` is a string per image, empty when it decoded (a bad file yields a black image
     and its one-line error, so callers decide whether to stop or to report and go on).
+    ``hashes``: each file's expected SHA-256 (a manifest's); a file whose bytes differ is an error.
     """
     height, width = policy.size
     decode = _decode(policy)
 
-    def load(path):
-        image, error = tf.numpy_function(decode, [path], (tf.uint8, tf.string), stateful=False)
+    def load(path, sha256):
+        image, error = tf.numpy_function(decode, [path, sha256], (tf.uint8, tf.string), stateful=False)
         image = tf.cast(tf.ensure_shape(image, (height, width, 3)), tf.float32)
         return image, tf.ensure_shape(error, ())
 
-    ds = tf.data.Dataset.from_tensor_slices([os.fspath(p) for p in paths])
+    hashes = [""] * len(paths) if hashes is None else list(hashes)
+    ds = tf.data.Dataset.from_tensor_slices(([os.fspath(p) for p in paths], hashes))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if labels is not None:
         label_ds = tf.data.Dataset.from_tensor_slices(np.asarray(labels))

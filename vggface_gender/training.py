@@ -41,7 +41,7 @@ from .classifier import FORMAT as CLASSIFIER_FORMAT
 from .features import Split
 from .images import resolve_policy
 from .progress import keras_verbose
-from .workdir import WorkDir, atomic_paths, read_json, require
+from .workdir import WorkDir, atomic_paths, read_json, require_set
 
 DATA_STAGE = "data_preprocess.py"
 CONVERSION_STAGE = "model_conversion.py"
@@ -57,7 +57,8 @@ def read_split(cfg, work: WorkDir, name: str) -> Split:
     every label is a configured class)."""
     from .dataset import read_manifest
 
-    path = require(work.manifest(name), DATA_STAGE, f"{name} manifest")
+    path = work.manifest(name)
+    require_set(work.splits_record, DATA_STAGE, path, f"{name} manifest")
     entries = read_manifest(path, cfg.data.root, cfg.classes)
     if not entries:
         why = " (early stopping needs validation images: set data.val_fraction > 0)" if name == "val" else ""
@@ -69,7 +70,8 @@ def read_split(cfg, work: WorkDir, name: str) -> Split:
 
 
 def read_base_info(work: WorkDir) -> dict:
-    path = require(work.base_info, CONVERSION_STAGE, "base model description")
+    path = work.base_info
+    require_set(work.base_record, CONVERSION_STAGE, path, "base model description")
     try:
         info = read_json(path)
         size = [int(s) for s in info["input_size"][:2]]
@@ -85,7 +87,6 @@ def load_base(path: Path, strategy):
     """``base.keras`` loaded inside the strategy's scope (its variables then live on every replica)."""
     from .keras_model import load_saved_model
 
-    require(path, CONVERSION_STAGE, "base model")
     return load_saved_model(path, "base model", CONVERSION_STAGE, scope=strategy.scope(), compile=False)
 
 
@@ -171,7 +172,8 @@ def image_epochs(split: Split, y: np.ndarray, policy, batch_size: int, trap, ord
     orders = [np.arange(len(split.paths))] if orders is None else orders
     ds = None
     for order in orders:
-        part = image_dataset([split.paths[i] for i in order], policy, batch_size, labels=y[order])
+        part = image_dataset([split.paths[i] for i in order], policy, batch_size, labels=y[order],
+                             hashes=[split.source_hashes[i] for i in order])
         ds = part if ds is None else ds.concatenate(part)
     return trap.strip(ds).with_options(pipeline_options())
 
@@ -264,8 +266,7 @@ def run_stage(cfg, *, early_stopping: bool = True) -> dict:
     # inputs in the order of the stages that make them, so the error names the first to run
     splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
     base_info = read_base_info(work)
-    require(work.base_model, CONVERSION_STAGE, "base model")
-    fingerprint = features.image_fingerprint(splits)  # every listed image is still there
+    require_set(work.base_record, CONVERSION_STAGE, work.base_model, "base model")
     policy = resolve_policy(cfg, base_info)
     classes = cfg.classes
     verbose = keras_verbose()  # 1 in a terminal or notebook, 2 in a log file
@@ -301,8 +302,7 @@ def run_stage(cfg, *, early_stopping: bool = True) -> dict:
     with strategy.scope():
         extractor = with_precision(features.frozen_model(cut), precision)
     if cfg.train.cache:
-        key = features.cache_key(base_sha256, cut.feature_layer, policy, splits, fingerprint,
-                                 precision=precision.name)
+        key = features.cache_key(base_sha256, cut.feature_layer, policy, splits, precision=precision.name)
         cached = features.cached_features(work.features, key, extractor, splits, policy, batch,
                                           strategy, verbose=verbose)
         print(f"features of {cut.feature_layer!r} {cached.status}: {cached.folder}")
@@ -392,13 +392,15 @@ HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def write_outputs(work: WorkDir, classifier, info: dict, result: FitResult, summary: dict) -> None:
-    """Write every output to a temporary file first and rename them only when all succeeded."""
+    """Write every output to a temporary file first and rename them only when all succeeded;
+    the commit record, written last, makes them one set."""
     from . import reports
     from .keras_model import save_model
 
     with atomic_paths({"model": work.classifier, "info": work.classifier_info,
                        "history": work.reports / "history.csv", "curves": work.reports / "training_curves.png",
-                       "summary": work.reports / "train_summary.json"}) as tmp:
+                       "summary": work.reports / "train_summary.json"},
+                      work.classifier_record, "train.py") as tmp:
         save_model(classifier, tmp["model"])
         tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         with open(tmp["history"], "w", encoding="utf-8", newline="") as f:

@@ -187,5 +187,6 @@ class Project:
         found = []
         for folder in (self.work / "model", self.work / "reports", self.work / "features"):
             if folder.exists():
-                found += [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("base.")]
+                found += [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("base.")
+                          and p.name != "model_conversion.commit.json"]
         return sorted(found)

@@ -18,6 +18,7 @@ from PIL import Image
 
 import predict
 from vggface_gender import evaluation, images, metrics, reports, synthetic
+from vggface_gender.workdir import WorkDir, commit_set
 
 CLASSES = ["female", "male"]
 SIZE = (16, 20)  # (height, width): not square, so a swapped axis would show
@@ -54,6 +55,10 @@ def build_classifier(work: Path, policy=POLICY, classes=CLASSES, training_hashes
             "feature_shape": [3], "base_sha256": keras_model_sha256(model_dir / "base.keras"),
             "lineage": {"manifests": {}, "images_sha256": sorted(training_hashes)}}
     (model_dir / "classifier.json").write_text(json.dumps(info))
+    # the commit records model_conversion.py and train.py write after their outputs
+    wd = WorkDir(work)
+    commit_set(wd.base_record, [wd.base_model], "model_conversion.py")
+    commit_set(wd.classifier_record, [wd.classifier, wd.classifier_info], "train.py")
     return model_dir / "classifier.keras"
 
 
@@ -64,6 +69,7 @@ def write_manifest(path: Path, rows) -> Path:
         writer.writerow(["path", "label", "sha256"])
         for rel, label in rows:
             writer.writerow([rel, label, "0" * 64])
+    commit_set(path.parent / WorkDir(".").splits_record.name, [path], "data_preprocess.py")
     return path
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 import predict
 from vggface_gender import Classifier, convert, evaluate, make_splits, synthetic, train
 from vggface_gender.errors import ConfigError, ModelFileError
+from vggface_gender.workdir import WorkDir, commit_set
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = dict(sample_per_class=12, val_fraction=0.25, test_per_class=8)
@@ -44,6 +45,12 @@ def copy_of(pipeline, tmp_path) -> Path:
     work = tmp_path / "work"
     shutil.copytree(pipeline["work"], work, ignore=shutil.ignore_patterns("features"))
     return work
+
+
+def recommit(record: Path) -> None:
+    """Commit the set ``record`` lists again, as it is now (as the stage that writes it would)."""
+    files = json.loads(record.read_text())["files"]
+    commit_set(record, [record.parent / name for name in files], "test")
 
 
 def rows(path: Path) -> list[dict]:
@@ -196,11 +203,17 @@ def test_a_work_dir_from_the_previous_version_gets_one_line(pipeline, tmp_path, 
     info = json.loads(info_path.read_text())
     old = {k: info[k] for k in ("classes", "input_size", "policy", "embedding_layer", "base_sha256")}
     info_path.write_text(json.dumps({"format": 1, **old}))  # what the previous version wrote
-    for args in ([], ["--images", str(pipeline["data"] / "male")]):
-        capsys.readouterr()
-        assert predict.main(["--config", str(config_file(pipeline, work)), *args]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "earlier version" in err[0] and "run `python train.py` again" in err[0], err
+    record = WorkDir(work).classifier_record
+    recommit(record)  # the format itself is refused ...
+    for remove_record in (False, True):  # ... and so is a set without a commit record (not written then)
+        if remove_record:
+            record.unlink()
+        for args in ([], ["--images", str(pipeline["data"] / "male")]):
+            capsys.readouterr()
+            assert predict.main(["--config", str(config_file(pipeline, work)), *args]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "earlier version" in err[0] and "run `python train.py` again" in err[0], err
+            assert ("commit record" in err[0]) == remove_record, err
 
 
 # --------------------------------------------------------------------------- lineage
@@ -245,6 +258,9 @@ def test_a_test_manifest_edited_to_hold_a_training_image_names_data_preprocess(p
     with open(test_csv, "a", newline="") as f:
         csv.writer(f, lineterminator="\n").writerow([train_row["path"], train_row["label"], train_row["sha256"]])
     capsys.readouterr()
+    assert predict.main(["--config", str(config_file(pipeline, work))]) == 1  # not data_preprocess.py's set
+    assert "test.csv: size differs from its commit record" in capsys.readouterr().err
+    recommit(WorkDir(work).splits_record)  # as if data_preprocess.py had written it
     assert predict.main(["--config", str(config_file(pipeline, work))]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "1 of the 17 test images" in err[-1] and "re-run `python data_preprocess.py`" in err[-1], err

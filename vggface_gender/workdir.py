@@ -259,7 +259,8 @@ def require_set(record: str | os.PathLike, stage_script: str, path: str | os.Pat
     if data is None and not problem:
         if not path.exists():
             require(path, stage_script, what)
-        problem = f"{path}: incomplete output (no commit record {record.name}; its run was interrupted?)"
+        problem = (f"{path}: no commit record {record.name} beside it (its run was interrupted, or an "
+                   f"earlier version of this project wrote it)")
     if data is not None and Path(os.path.relpath(path, record.parent)).as_posix() not in data["files"]:
         problem = f"{path}: not part of the set recorded in {record}"
     if problem:

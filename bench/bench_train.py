@@ -67,6 +67,8 @@ def prepare(tmp: Path, n_images: int, width: float, input_size: int, epochs: int
             writer = csv.writer(f)
             writer.writerow(("path", "label", "sha256"))
             writer.writerows(split_rows)
+    from vggface_gender.workdir import WorkDir, commit_set  # train.py reads only a committed set
+    commit_set(WorkDir(work).splits_record, sorted((work / "splits").glob("*.csv")), "data_preprocess.py")
     config = tmp / "config.yaml"
     config.write_text(f"work_dir: {work}\nmodel:\n  mat_path: {mat}\ndata:\n  root: {data}\n"
                       f"train:\n  max_epochs: {epochs}\n", encoding="utf-8")

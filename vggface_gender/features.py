@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
 from .progress import Progress
-from .workdir import check_set, commit_set, fsync_file, kill_point, write_json
+from .workdir import check_set, commit_set, fsync_file, kill_point, sha256_file, write_json
 
 CACHE_FORMAT = 2  # 1: keyed by the images' paths, sizes and mtimes
 KEEP_ENTRIES = 3  # cache entries kept: the one in use and the most recently used others
@@ -47,11 +47,6 @@ PROGRESS = "progress.json"
 
 
 # --------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def keras_model_sha256(path: str | os.PathLike) -> str:
     """Content hash of a ``.keras`` file: its config and weights, not its save date.
 

@@ -184,7 +184,7 @@ def atomic_paths(paths: dict, record: str | os.PathLike | None = None,
 COMMIT_FORMAT = "vggface_gender.commit/1"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -209,7 +209,7 @@ def commit_set(record: str | os.PathLike, files, stage_script: str, extra: dict 
         path = Path(path)
         st = path.stat()
         name = Path(os.path.relpath(path, record.parent)).as_posix()
-        entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+        entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
     data = {"format": COMMIT_FORMAT, "stage": stage_script, "files": entries, **(extra or {})}
     kill_point(f"commit:{record.name}")
     write_json(record, data)
@@ -241,7 +241,7 @@ def check_set(record: str | os.PathLike) -> tuple[dict | None, str]:
             st = path.stat()
             if st.st_size != expected["size"]:
                 return None, f"{path}: size differs from its commit record {record.name}"
-            if st.st_mtime_ns != expected["mtime_ns"] and _sha256(path) != expected["sha256"]:
+            if st.st_mtime_ns != expected["mtime_ns"] and sha256_file(path) != expected["sha256"]:
                 return None, f"{path}: content differs from its commit record {record.name}"
         except FileNotFoundError:
             return None, f"{path}: missing from the set its commit record {record.name} lists"
@@ -276,9 +276,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
             kwargs.setdefault("encoding", "utf-8")
             kwargs.setdefault("newline", "")  # write exactly what we give (csv needs this)
         with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield f  # atomic_path flushes it to disk before the rename
 
 
 def write_json(path: str | os.PathLike, data) -> None:

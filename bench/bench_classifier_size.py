@@ -6,7 +6,8 @@ Target: with the default config and the full VGG-Face, ``classifier.keras`` + ``
 Setting: a MatConvNet file with VGG-Face's exact structure at full size (``synthetic.
 write_vggface_mat``: 39 layers, 2622 classes, He-scaled random weights; the sizes are those of the
 real network, the weights are not a face model), converted by the conversion stage; a handful of
-generated images split by the data stage; the head trained by the training stage with the
+generated images split by the data stage; the head trained by the training stage (the stage
+functions, through ``bench_predict.build_classifier``) with the
 repository's ``config.yaml`` (``train.hidden_units``, ``model.embedding_layer``, ...), only the
 data (counts, root) and the number of epochs overridden: neither changes what is saved. Then the
 same again with ``train.trainable_from: fc7`` (the head then includes fc7: information, no target).
@@ -14,7 +15,7 @@ same again with ``train.trainable_from: fc7`` (the head then includes fc7: infor
 Sizes are file sizes, not timings: one run, no baseline timing. The extraction pass costs most of
 the time (~5 images/s at full size in float32 on a 2-core CPU), so few images are used.
 
-    python bench/bench_classifier_size.py              # full size, 8 + 8 images (~2 minutes)
+    python bench/bench_classifier_size.py              # full size, 8 + 8 images (~1 minute)
     python bench/bench_classifier_size.py --quick      # width 1/8 (smoke test; the target is for full size)
     python bench/bench_classifier_size.py --per-class 4 --no-trainable-from
 """

@@ -14,8 +14,9 @@ large JPEG at reduced size), as predict.py does without detection. Both run one 
 time (batch 1), so the figures are per-image costs; the detector's share is the time inside
 `detect_faces` over ours.
 
-The classifier is VGG-Face's structure up to relu7 + a 512-unit head with random weights
-(`bench_predict.build_classifier`): the cost is the same as the real one's.
+The classifier is VGG-Face's structure up to relu7 (He-scaled random weights, converted) + a
+512-unit head trained for one epoch on generated images by the pipeline's stage functions
+(`bench_predict.build_classifier`), loaded with `Classifier.load`: the cost is the real one's.
 
     python bench/bench_faces.py           # 6 photos, 24 crops, full-width VGG-Face
     python bench/bench_faces.py --quick   # 2 photos, 4 crops, width 1/4 (smoke test)
@@ -124,15 +125,16 @@ def main(argv=None) -> int:
     n_photos, n_crops = (2, 4) if args.quick else (6, 24)
     width = args.width or (0.25 if args.quick else 1.0)
 
-    import keras
     from bench_predict import build_classifier
+
+    from vggface_gender import Classifier
 
     with tempfile.TemporaryDirectory(prefix="bench_faces_") as tmp:
         tmp = Path(tmp)
         photos, crops = make_inputs(tmp, n_photos, n_crops)
-        build_classifier(tmp, width)
-        model = keras.saving.load_model(tmp / "model" / "classifier.keras")
-        img_policy = images.ImagePolicy((224, 224), "stretch", "bilinear")
+        build_classifier(tmp / "work", width)
+        classifier = Classifier.load(tmp / "work")
+        model, img_policy = classifier.model, classifier.policy
         policy = faces.FacePolicy(detect="mtcnn")
         bench("12-MP photos", model, photos, policy, img_policy, args.runs)
         bench("200x200 crops", model, crops, policy, img_policy, args.runs)

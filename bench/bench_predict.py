@@ -20,10 +20,11 @@ each setting. `--model-threads 1` confines the model's kernels to one core (Tens
 intra-op threads), leaving the other cores to decoding, as when an accelerator does the
 compute: it shows whether decoding overlaps with compute.
 
-The classifier is built directly in Keras with VGG-Face's layer structure
-(`synthetic.vggface_layer_specs`) and He-scaled random weights, saved with `model.save` as
-`classifier.keras` + `classifier.json` (what train.py writes) and loaded back with
-`evaluation.load_classifier`.
+The classifier is made by the pipeline's own stage functions (`build_classifier`): a MatConvNet
+file with VGG-Face's layer structure and He-scaled random weights, converted to `base.keras`, a
+512-unit head trained for one epoch on a few generated images (the head-only `classifier.keras` +
+`classifier.json` that train.py writes), loaded back with `evaluation.load_classifier`
+(`Classifier.load`: base and head composed, in the precision training used).
 Generated images live in a temporary folder (12-MP photos are cached in
 $TMPDIR/vggface_bench_predict between runs).
 
@@ -35,8 +36,8 @@ $TMPDIR/vggface_bench_predict between runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -89,35 +90,33 @@ def photos_12mp(n: int, seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------- the classifier
-def build_classifier(work: Path, width: float, input_size: int = 224, seed: int = 0) -> None:
-    """VGG-Face's structure up to relu7 (as train.py cuts it) + Dense(512, relu) + Dense(2, softmax)."""
-    import keras
+def build_classifier(work: Path, width: float, input_size: int = 224, seed: int = 0, *, n_classes: int = 16,
+                     per_class: int = 4, epochs: int = 1, config: str | os.PathLike | None = None) -> Path:
+    """A trained classifier in ``work`` as the pipeline makes it; returns the images' folder.
 
-    keras.utils.set_random_seed(seed)
-    init = keras.initializers.HeNormal(seed=seed)
-    inputs = keras.Input((input_size, input_size, 3))
-    x = keras.layers.Normalization(mean=list(synthetic.VGGFACE_AVERAGE_IMAGE), variance=[1.0, 1.0, 1.0])(inputs)
-    for spec in synthetic.vggface_layer_specs(width, n_classes=2, input_size=input_size):
-        if spec["name"] == "fc8":
-            break
-        if spec["type"] == "conv":
-            kh, kw, _, cout = spec["shape"]
-            x = keras.layers.Conv2D(cout, (kh, kw), padding="same" if spec["pad"] else "valid",
-                                    kernel_initializer=init, name=spec["name"])(x)
-        elif spec["type"] == "relu":
-            x = keras.layers.ReLU(name=spec["name"])(x)
-        elif spec["type"] == "pool":
-            x = keras.layers.MaxPooling2D(2, 2, name=spec["name"])(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(512, activation="relu", kernel_initializer=init)(x)
-    outputs = keras.layers.Dense(2, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    (work / "model").mkdir(parents=True, exist_ok=True)
-    model.save(work / "model" / "classifier.keras")
-    policy = images.ImagePolicy((input_size, input_size), "stretch", "bilinear")
-    (work / "model" / "classifier.json").write_text(json.dumps({
-        "format": 1, "classes": ["female", "male"], "input_size": [input_size, input_size],
-        "policy": policy.to_dict(), "embedding_layer": "relu7", "base_sha256": "bench"}))
+    A MatConvNet file with VGG-Face's structure (``synthetic.write_vggface_mat``, He-scaled random
+    weights, ``width`` x the real channel counts; fc8 cut to ``n_classes``, since only relu7 runs
+    unless the base's size matters) is converted, ``per_class`` generated images per class are
+    split and the head is trained for ``epochs``, each by its stage function (``stages``): the
+    files are exactly what model_conversion.py and train.py write (``base.keras`` + a head-only
+    ``classifier.keras``), and ``Classifier.load(work)`` composes them. The head's weights hardly
+    matter here: the cost of a prediction is the network's.
+    """
+    from vggface_gender import stages
+
+    data = work.with_name(work.name + "_images")
+    mat = synthetic.write_vggface_mat(work.with_name(work.name + ".mat"), width=width, n_classes=n_classes,
+                                      input_size=input_size, seed=seed)
+    # the stages' reports (and Keras' epoch lines) are not the bench's output: stdout is for results
+    with contextlib.redirect_stdout(sys.stderr):
+        stages.convert(mat, work, config=config)
+        mat.unlink()  # up to ~0.6 GB at full size: not needed once converted
+        # one spare image per class: the data stage draws a test image per class first
+        synthetic.write_image_folders(data, per_class + 1, size=200, seed=seed)
+        stages.make_splits(data, work, sample_per_class=per_class, test_per_class=1, dedup="exact",
+                           seed=seed, config=config, quiet=True)
+        stages.train(work, data_root=data, max_epochs=epochs, seed=seed, config=config)
+    return data
 
 
 # --------------------------------------------------------------------------- timing

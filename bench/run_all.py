@@ -1,12 +1,13 @@
 """Run every benchmark script in bench/ and print one table.
 
 Each bench script prints lines of the form
-    BENCH <stage> | <figure> | <value> | <baseline> | <ratio> | <target>
+    BENCH <stage> | <figure> | <value> | <baseline> | <ratio> | <target> [| <met>]
 and this runner collects them. Usage:
 
     python bench/run_all.py            # full benchmarks (tens of minutes on 2 cores)
     python bench/run_all.py --quick    # small versions, to check that they run
     python bench/run_all.py --only conversion predict
+    python bench/run_all.py --only classifier_size precision
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["preprocess", "conversion", "train", "predict", "faces", "precision"]
+ORDER = ["preprocess", "conversion", "train", "predict", "faces", "precision", "classifier_size"]
 
 
 def machine() -> str:
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
             if line.startswith("BENCH "):
                 rows.append([cell.strip() for cell in line[len("BENCH "):].split("|")])
 
-    header = ["stage", "figure", "value", "baseline", "ratio", "target"]
+    # "met" is filled by the scripts that judge their own target (some only where it applies)
+    header = ["stage", "figure", "value", "baseline", "ratio", "target", "met"]
     print(f"\nMachine: {machine()}" + (" (--quick)" if args.quick else ""))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -233,7 +233,8 @@ def test_base_json_describes_the_model_and_its_source(tmp_path, canonical):
     assert info["average_image"] == pytest.approx(list(synthetic.VGGFACE_AVERAGE_IMAGE), abs=1e-4)
     assert info["dropped"] == ["dropout6", "dropout7"]
     assert info["output_shapes"]["relu7"] == [256] and info["output_shapes"]["pool5"] == [7, 7, 32]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base.json", "base.keras"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "base.json", "base.keras", "model_conversion.commit.json"]
 
 
 def _load_in_fresh_python(builtin_model, custom_model, folder):

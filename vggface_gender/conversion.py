@@ -24,11 +24,9 @@ base.json (``format`` 1):
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import matconvnet
 from .errors import ImageError, ModelFileError
-from .workdir import WorkDir, atomic_paths
+from .workdir import WorkDir, atomic_paths, sha256_file
 
 FORMAT = 1
 STAGE_SCRIPT = "model_conversion.py"
@@ -66,14 +64,10 @@ def convert(mat_path, out_dir, input_size=None, *, verbose: bool = False,
     source_stat = mat_path.stat()
     # The checksum reads the whole file a second time. Hashing releases the GIL, and the two reads
     # share the page cache, so it runs in a thread beside loading, building and saving instead of
-    # adding its time (~2 s per GB) after them.
-    stop = threading.Event()
+    # adding its time (~1 s per GB) after them. A failed conversion waits for it: seconds at most.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        checksum = pool.submit(_sha256, mat_path, stop)
-        try:
-            return _convert(mat_path, out_dir, source_stat, input_size, checksum, timings, verbose)
-        finally:
-            stop.set()  # on failure: no need to finish hashing a file that was refused
+        checksum = pool.submit(sha256_file, mat_path)
+        return _convert(mat_path, out_dir, source_stat, input_size, checksum, timings, verbose)
 
 
 def _convert(mat_path: Path, out_dir: Path, source_stat: os.stat_result, input_size, checksum,
@@ -118,34 +112,17 @@ def _convert(mat_path: Path, out_dir: Path, source_stat: os.stat_result, input_s
         keras_model.save_model(model, tmp["model"])
         timings["save"] = time.perf_counter() - start
         start = time.perf_counter()
-        digest, size_bytes = checksum.result()
+        try:
+            digest = checksum.result()
+        except OSError as exc:
+            raise ModelFileError(f"{mat_path}: cannot read for its checksum ({exc})") from None
         timings["checksum"] = time.perf_counter() - start  # what is left of it: the wait
         if _changed(mat_path, source_stat):
             raise ModelFileError(f"{mat_path}: the file changed while it was being converted; "
                                  f"convert it again")
-        info["source"].update(size_bytes=size_bytes, sha256=digest)
+        info["source"].update(size_bytes=source_stat.st_size, sha256=digest)
         tmp["info"].write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
-
-
-def _sha256(path: Path, stop: threading.Event | None = None) -> tuple[str, int]:
-    """The file's SHA-256 (hex) and size in bytes; ``("", 0)`` once ``stop`` is set (abandoned).
-
-    Reads in 1 MiB chunks into one reused buffer (as ``hashlib.file_digest`` does, which cannot be
-    stopped half-way): a conversion that fails does not wait for the rest of a 1 GB file.
-    """
-    digest = hashlib.sha256()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                if stop is not None and stop.is_set():
-                    return "", 0
-                digest.update(view[:n])
-            return digest.hexdigest(), os.fstat(f.fileno()).st_size
-    except OSError as exc:
-        raise ModelFileError(f"{path}: cannot read for its checksum ({exc})") from None
 
 
 def _changed(path: Path, before: os.stat_result) -> bool:

@@ -538,9 +538,9 @@ def run_stage(cfg, *, images: Sequence[str | os.PathLike] | None = None,
               out: str | os.PathLike | None = None, annotate: str | os.PathLike | None = None) -> int:
     """Entry point of ``predict.py``: evaluate, or classify ``images`` into ``out`` (else stdout),
     with ``annotate``: annotated copies of the photos into that folder."""
-    if (out is not None or annotate is not None) and not images:
-        raise PipelineError("--out and --annotate are only used with --images (the evaluation writes "
-                            "to work_dir/reports)")
+    for flag, value in (("--out", out), ("--annotate", annotate)):
+        if value is not None and not images:
+            raise PipelineError(f"{flag} is only used with --images (the evaluation writes to work_dir/reports)")
     if images:
         try:
             classify(cfg, images, out, annotate=annotate)

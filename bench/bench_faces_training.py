@@ -11,7 +11,9 @@ faces, with an interval)". This script:
    of them, noise; tests/helpers_faces.py) at 400x300 with the face pasted at 80-160 px, at a
    random place, saved as JPEG under the face's own file name;
 3. photos arm: ``make_splits`` with ``faces.detect: mtcnn`` (faces found, cropped into
-   work_dir/faces), ``train``, ``evaluate``;
+   work_dir/faces) and ``data.dedup: exact`` (the photos share backgrounds, which the perceptual
+   hash would take for near-duplicates: faces would be dropped as "in more than one class"),
+   ``train``, ``evaluate``;
 4. crops arm: the *same* splits (the photos arm's manifests, each photo replaced by the face it
    was made from), ``train``, ``evaluate``: same train/validation/test faces, same seed;
 5. reports accuracy and ROC AUC of each arm, and the paired differences (photos - crops) with
@@ -55,7 +57,8 @@ CLASSES = ("male", "female")
 PHOTO_SIZE = (400, 300)
 
 
-def build_photos(files_by_class: dict, crops_root: Path, photos_root: Path, seed: int) -> None:
+def build_photos(files_by_class: dict, crops_root: Path, photos_root: Path, seed: int,
+                 face_px: tuple[int, int] = (80, 160)) -> None:
     """Per face: a link in ``crops_root`` and a whole photo in ``photos_root``, same relative name."""
     bgs = backgrounds()
     rng = random.Random(seed)
@@ -65,7 +68,7 @@ def build_photos(files_by_class: dict, crops_root: Path, photos_root: Path, seed
         for k, face in enumerate(files):
             os.symlink(face, crops_root / cls / face.name)
             bg = bgs[rng.randrange(len(bgs))][1]
-            photo, _ = photo_with_face(face, bg, size=PHOTO_SIZE, side=rng.randint(80, 160), rng=rng)
+            photo, _ = photo_with_face(face, bg, size=PHOTO_SIZE, side=rng.randint(*face_px), rng=rng)
             photo.save(photos_root / cls / face.name, format="JPEG", quality=92)
 
 
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
                         help="training + validation faces, half per class (20%% validation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--face-px", type=int, nargs=2, default=(80, 160), metavar=("MIN", "MAX"),
+                        help="side of the pasted face in the 400x300 photo (default 80 160)")
     parser.add_argument("--quick", action="store_true", help="40 test faces, 100 training faces")
     parser.add_argument("--keep", metavar="DIR", default=None, help="work here and keep the files")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result here")
@@ -157,10 +162,10 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         crops_root, photos_root = folder / "crops", folder / "photos"
-        build_photos(files_by_class, crops_root, photos_root, args.seed)
+        build_photos(files_by_class, crops_root, photos_root, args.seed, tuple(args.face_px))
         t_build = time.perf_counter() - t0
         split = dict(sample_per_class=sample_per_class, test_per_class=test_per_class, val_fraction=0.2,
-                     seed=args.seed)
+                     seed=args.seed, dedup="exact")
         detect = {"faces.detect": "mtcnn"}
         photos_work, crops_work = folder / "work_photos", folder / "work_crops"
         t0 = time.perf_counter()

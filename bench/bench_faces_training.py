@@ -5,8 +5,9 @@ Issue 14 asks that "a head trained with detection on whole photos built from the
 reaches the accuracy of one trained on the crops themselves (paired comparison on the same
 faces, with an interval)". This script:
 
-1. picks faces from ../shared/data/faces/{male,female} (UTKFace crops, 200x200; never copied:
-   the crops arm links to them, the photos arm pastes them into new files in a temporary folder);
+1. picks faces from ../shared/data/faces/{male,female} (UTKFace crops, 200x200, one of each set
+   of byte-identical files; never copied: the crops arm links to them, the photos arm pastes
+   them into new files in a temporary folder);
 2. builds one whole photo per face: a face-free background (scikit-image's samples, other views
    of them, noise; tests/helpers_faces.py) at 400x300 with the face pasted at 80-160 px, at a
    random place, saved as JPEG under the face's own file name;
@@ -154,7 +155,12 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     files_by_class = {}
     for cls in CLASSES:
-        pool = sorted((FACES / cls).glob("*.jpg"))
+        # UTKFace holds a few byte-identical crops under two names: pasted onto different
+        # backgrounds they would become distinct photos, the same face in training and test
+        by_content = {}
+        for path in sorted((FACES / cls).glob("*.jpg")):
+            by_content.setdefault(sha256_file(path), path)
+        pool = sorted(by_content.values())
         files_by_class[cls] = rng.sample(pool, min(len(pool), test_per_class + sample_per_class + spare))
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_faces_training_"))

@@ -2,6 +2,8 @@
 
 Hashes every image by content (identical files never reach two splits), draws the test set
 first, then the training sample, decode-checking each drawn image and replacing broken ones.
+With faces.detect: mtcnn, each drawn image must show a usable face: its crop is written to
+work_dir/faces/ and its box to the manifest; an image without one is reported and replaced.
 Writes work_dir/splits/{train,val,test}.csv and summary.json. Never modifies the images.
 """
 
@@ -29,6 +31,8 @@ def main(argv=None) -> int:
 
     def body(args):
         cfg = cli.config_from_args(args)  # validate before any work
+        if cfg.faces.detect != "none":  # the detector needs TensorFlow; without it the stage stays light
+            cli.import_tensorflow_quietly()
         from vggface_gender import dataset
         dataset.run_stage(cfg, workers=args.workers, quiet=args.quiet)
 

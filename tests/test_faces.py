@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from conftest import FACES, ROOT
+from helpers_faces import backgrounds, compose, face_files, gender, iou, match
 from vggface_gender import faces as F
 from vggface_gender.config import load_config
 from vggface_gender.errors import ConfigError
@@ -153,7 +154,7 @@ def test_real_photograph_astronaut():
     # a downscaled detection maps back to full-resolution pixels
     big = Image.open(ASTRONAUT).convert("RGB").resize((1536, 1536), Image.Resampling.BICUBIC)
     (g,) = F.detect_faces(big, F.FacePolicy(detect="mtcnn", detect_size=512))
-    assert _iou((g.x / 3, g.y / 3, g.w / 3, g.h / 3), f.box) > 0.8
+    assert iou((g.x / 3, g.y / 3, g.w / 3, g.h / 3), f.box) > 0.8
     assert F.detect_faces(Image.open(ASTRONAUT).convert("RGB"), F.FacePolicy(detect="mtcnn", min_size=400)) == []
 
 
@@ -170,120 +171,19 @@ def test_exif_rotated_photo_gives_boxes_as_the_user_sees_it(tmp_path, orientatio
     image, faces = F.faces_in_file(path, MTCNN)
     assert image.size == upright.size
     (ref,) = _astronaut_box()
-    assert len(faces) == 1 and _iou(faces[0].box, ref.box) > 0.85
-
-
-def _iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    return inter / (aw * ah + bw * bh - inter)
+    assert len(faces) == 1 and iou(faces[0].box, ref.box) > 0.85
 
 
 # --------------------------------------------------------------------------- composed photos
-def _backgrounds():
-    """Face-free photos: scikit-image's samples (no people) and noise, seeded."""
-    import skimage.data as skdata  # a test requirement (requirements-test.txt): a broken install fails
-    names = ["coffee", "chelsea", "rocket", "coins", "moon", "page", "horse", "hubble_deep_field",
-             "grass", "gravel", "brick", "text", "retina", "immunohistochemistry", "logo", "cell",
-             "colorwheel", "clock", "microaneurysms"]
-    out = []
-    for name in names:
-        arr = np.asarray(getattr(skdata, name)())
-        if arr.dtype != np.uint8:
-            arr = (arr.astype(np.float64) / max(1, arr.max()) * 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        out.append((name, img.convert("RGB")))
-    rng = np.random.default_rng(0)
-    for i, (name, img) in enumerate(list(out)):  # other views: a random crop, rescaled, mirrored
-        cw, ch = (int(v * rng.uniform(0.5, 0.8)) for v in img.size)
-        x, y = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
-        view = img.crop((x, y, x + cw, y + ch))
-        scale = rng.uniform(600, 1024) / max(cw, ch)
-        view = view.resize((round(cw * scale), round(ch * scale)), Image.Resampling.BICUBIC)
-        out.append((f"{name}_view", view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i % 2 else view))
-    for i in range(10):
-        h, w = int(rng.integers(400, 900)), int(rng.integers(500, 1200))
-        if i % 2:
-            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        else:  # smooth coloured noise, closer to a photo's statistics
-            arr = rng.normal(128, 60, (h // 16 + 1, w // 16 + 1, 3)).clip(0, 255).astype(np.uint8)
-            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
-        out.append((f"noise{i}", Image.fromarray(arr)))
-    return out
-
-
-def _compose(backgrounds, face_files, n_photos, seed=0):
-    """Photos with 1-6 pasted faces (24-400 px, some blurred, some rotated up to 20 degrees).
-
-    Returns ``[(photo, [(square (x, y, s, s), face file, blurred, angle), ...]), ...]``.
-    """
-    rng = random.Random(seed)
-    files = list(face_files)
-    rng.shuffle(files)
-    photos = []
-    for k in range(n_photos):
-        _, bg = backgrounds[k % len(backgrounds)]
-        n = 1 + k % 6
-        longest = rng.choice([800, 1000, 1200])
-        w, h = longest, int(longest * 0.75)
-        canvas = bg.resize((w, h), Image.Resampling.BILINEAR)
-        if k % 2:
-            canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        placed = []
-        tries = 0
-        while len(placed) < n and tries < 500 and files:
-            tries += 1
-            hi = 400 if n <= 2 else 220
-            s = int(round(math.exp(rng.uniform(math.log(24), math.log(hi)))))
-            x, y = rng.randint(0, w - s), rng.randint(0, h - s)
-            if any(not (x + s + 8 < px or px + ps + 8 < x or y + s + 8 < py or py + ps + 8 < y)
-                   for (px, py, ps, _), *_ in placed):
-                continue
-            path = files.pop()
-            face = Image.open(path).convert("RGB").resize((s, s), Image.Resampling.BICUBIC)
-            blurred = rng.random() < 0.25
-            if blurred:
-                face = face.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5) * s / 100))
-            angle = rng.uniform(-20, 20) if rng.random() < 0.4 else 0.0
-            mask = Image.new("L", (s, s), 255)
-            if angle:
-                face = face.rotate(angle, resample=Image.Resampling.BICUBIC)
-                mask = mask.rotate(angle, resample=Image.Resampling.BICUBIC)
-            canvas.paste(face, (x, y), mask)
-            placed.append(((x, y, s, s), path, blurred, angle))
-        photos.append((canvas, placed))
-    return photos
-
-
-def _face_files(n, seed=1):
-    rng = random.Random(seed)
-    files = sorted((FACES / "male").glob("*.jpg")) + sorted((FACES / "female").glob("*.jpg"))
-    return rng.sample(files, n)
-
-
 @pytest.fixture(scope="module")
 def composed():
-    backgrounds = _backgrounds()
-    photos = _compose(backgrounds, _face_files(120), n_photos=24)
+    bgs = backgrounds()
+    photos = compose(bgs, face_files(120), n_photos=24)
     results = []
     for photo, placed in photos:
         found = F.detect_faces(photo, MTCNN)
         results.append((photo, placed, found))
-    return backgrounds, results
-
-
-def _match(square, found, margin):
-    """The detection whose crop square best overlaps the pasted square, and that IoU."""
-    best, best_iou = None, 0.0
-    for f in found:
-        cx, cy, side = f.square(margin)
-        iou = _iou((cx - side / 2, cy - side / 2, side, side), square)
-        if iou > best_iou:
-            best, best_iou = f, iou
-    return best, best_iou
+    return bgs, results
 
 
 @pytest.mark.real_faces
@@ -297,12 +197,12 @@ def test_recall_on_composed_photos(composed):
         used = set()
         for square, path, *_ in placed:
             n_faces += 1
-            f, iou = _match(square, found, MTCNN.margin)
-            if iou >= 0.5:
+            f, overlap = match(square, found, MTCNN.margin)
+            if overlap >= 0.5:
                 hits += 1
                 used.add(id(f))
             else:
-                misses.append((square[2], round(iou, 2), path.name))
+                misses.append((square[2], round(overlap, 2), path.name))
         extra += sum(1 for f in found if id(f) not in used)
     recall = hits / n_faces
     print(f"\nrecall {hits}/{n_faces} = {recall:.3f} at IoU >= 0.5 (crop square vs pasted square); "
@@ -313,17 +213,12 @@ def test_recall_on_composed_photos(composed):
 
 @pytest.mark.real_faces
 @needs_faces
-def test_face_free_backgrounds(composed):
+def test_face_freebackgrounds(composed):
     backgrounds, _ = composed
     flagged = [(name, [round(f.confidence, 3) for f in found])
                for name, img in backgrounds if (found := F.detect_faces(img, MTCNN))]
     print(f"\nface-free backgrounds with a detection: {len(flagged)}/{len(backgrounds)} {flagged}")
     assert len(flagged) / len(backgrounds) <= 0.02, flagged
-
-
-def _gender(path) -> int:
-    """UTKFace names are AGE_GENDER_RACE_...: 0 male, 1 female."""
-    return int(path.name.split("_")[1])
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +254,7 @@ def same_face_probs(composed):
     picked = rng.sample(pool, 636)
     train, faces = picked[:600], picked[600:]
     head = LogisticRegression(C=0.001, max_iter=3000)
-    head.fit(features([Image.open(p) for p in train]), [_gender(p) for p in train])
+    head.fit(features([Image.open(p) for p in train]), [gender(p) for p in train])
 
     rows = []
     for k, path in enumerate(faces):
@@ -370,8 +265,8 @@ def same_face_probs(composed):
         s, (x, y) = 96 + (k * 13) % 105, (40 + k * 7 % 100, 30 + k * 11 % 90)
         photo = backgrounds[k % len(backgrounds)][1].resize((560, 420), Image.Resampling.BILINEAR)
         photo.paste(original.resize((s, s), Image.Resampling.BICUBIC), (x, y))
-        f, iou = _match((x, y, s, s), F.detect_faces(photo, MTCNN), MTCNN.margin)
-        if iou < 0.5:
+        f, overlap = match((x, y, s, s), F.detect_faces(photo, MTCNN), MTCNN.margin)
+        if overlap < 0.5:
             continue
         g, r = alone[0], s / 200
         mapped = F.Face(x + g.x * r, y + g.y * r, g.w * r, g.h * r, g.confidence)

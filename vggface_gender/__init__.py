@@ -3,7 +3,9 @@
 The Python API (the scripts call the same functions):
 
 - ``Classifier.load(work_dir)``: the trained classifier; ``.classes``, ``.predict_proba(images)``
-  (paths, PIL images, uint8 arrays), ``.predict``, ``.in_training``
+  (paths, PIL images, uint8 arrays), ``.predict``, ``.in_training``, ``.predict_faces(photos)``
+  (per face: box, detector confidence, probabilities, label) with a classifier trained with
+  face detection
 - ``make_splits``, ``convert``, ``train``, ``evaluate``: the four stages, keyword arguments
 
 The four top-level scripts (data_preprocess, model_conversion, train, predict) are thin
@@ -38,7 +40,7 @@ VGG-Face) needs ``import vggface_gender.layers`` before ``keras.saving.load_mode
 
 __version__ = "0.2.0"
 
-from .classifier import Classifier  # noqa: E402  (imports no TensorFlow until a model is loaded)
+from .classifier import Classifier, FacePrediction  # noqa: E402  (imports no TensorFlow until a model is loaded)
 from .stages import convert, evaluate, make_splits, train  # noqa: E402
 
-__all__ = ["Classifier", "make_splits", "convert", "train", "evaluate"]
+__all__ = ["Classifier", "FacePrediction", "make_splits", "convert", "train", "evaluate"]

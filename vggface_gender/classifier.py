@@ -18,6 +18,10 @@ path, the same file opened lazily with ``PIL.Image.open`` and ``predict.py`` giv
 probabilities. An already-decoded array (or a PIL image that is already loaded) is resized from
 the pixels given: a large JPEG that the loader would have decoded at reduced size (Pillow's
 ``draft``, which needs the file) can then differ slightly.
+
+A classifier trained with face detection (``faces.detect: mtcnn``) records its face policy;
+``predict_faces`` finds the faces in whole photos with it and classifies each crop, as
+``predict.py --images`` does (``predict_proba`` takes images that already are face crops).
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import ImageError, ModelFileError, PipelineError
-from .images import ImagePolicy, load_image, resize, to_rgb
+from .faces import Face, FacePolicy, crop_face, detect_faces
+from .images import ImagePolicy, load_image, open_rgb, resize, to_rgb
 from .workdir import WorkDir, read_json, require_set
 
 TRAIN_STAGE = "train.py"
@@ -63,6 +69,7 @@ def read_info(work: WorkDir) -> dict:
         classes = [str(c) for c in info["classes"]]
         spec = info["policy"]
         ImagePolicy((int(spec["size"][0]), int(spec["size"][1])), spec["resize"], spec["interpolation"])
+        FacePolicy.from_dict(info.get("faces") or {})
         for key in ("base_sha256", "feature_layer", "embedding_layer", "lineage"):
             info[key]  # noqa: B018 - presence check
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -78,12 +85,30 @@ def policy_of(info: dict) -> ImagePolicy:
     return ImagePolicy((int(spec["size"][0]), int(spec["size"][1])), spec["resize"], spec["interpolation"])
 
 
+@dataclass(frozen=True)
+class FacePrediction:
+    """One face in a photo and its class probabilities (``Classifier.predict_faces``).
+
+    ``box``: ``(x, y, width, height)`` in pixels of the photo as the user sees it (after EXIF
+    orientation), not clipped to the photo; ``confidence``: the detector's (1.0 for a classifier
+    trained without detection, whose one "face" is the whole image); ``probabilities``: in
+    ``Classifier.classes`` order; ``label``: the most probable class.
+    """
+
+    box: tuple[float, float, float, float]
+    confidence: float
+    probabilities: np.ndarray
+    label: str
+    landmarks: dict = field(default_factory=dict)
+
+
 class Classifier:
     """The trained male/female classifier: the converted base and the trained head, composed.
 
     Use ``Classifier.load(work_dir)``. Attributes: ``classes`` (the order of the probability
-    columns), ``policy`` (how images are resized, as in training), ``precision`` (the precision the
-    frozen base runs in: the one training used, where this machine can), ``info`` (``classifier.json``).
+    columns), ``policy`` (how images are resized, as in training), ``faces`` (how faces are found
+    and cropped, as in training), ``precision`` (the precision the frozen base runs in: the one
+    training used, where this machine can), ``info`` (``classifier.json``).
     """
 
     def __init__(self, model, info: dict, work_dir: str | os.PathLike, precision: str = "float32"):
@@ -91,6 +116,7 @@ class Classifier:
         self.info = info
         self.classes = [str(c) for c in info["classes"]]
         self.policy = policy_of(info)
+        self.faces = FacePolicy.from_dict(info.get("faces") or {})  # classifiers from before: none
         self.precision = precision
         self.work_dir = Path(work_dir)
         self._training_images = frozenset(info["lineage"]["images_sha256"])
@@ -163,6 +189,32 @@ class Classifier:
             out[start:start + len(batch)] = self.model.predict_on_batch(batch.astype(np.float32))
         return out
 
+    def predict_faces(self, images: Iterable) -> list[list[FacePrediction]]:
+        """For each photo, its faces (largest first) with their class probabilities.
+
+        Faces are found and cropped with the face policy training used (``faces``); a photo
+        without a face gives ``[]``. Inputs as for ``predict_proba``; paths and lazily opened
+        files are decoded at full resolution (crops come from it). ``predict.py --images`` runs
+        the same code, so its rows agree with these to float precision.
+        """
+        return [self.classify_faces(*self.find_faces(item, i)) for i, item in enumerate(images)]
+
+    def find_faces(self, item, index: int = 0) -> tuple:
+        """``(photo, faces)``: one input decoded upright RGB at full resolution, and its faces."""
+        image = self._photo(item, index)
+        return image, detect_faces(image, self.faces)
+
+    def classify_faces(self, image, faces: Sequence[Face]) -> list[FacePrediction]:
+        """Crop each face from ``image`` as training's crops were made and classify them."""
+        if not faces:
+            return []
+        # the crop as data_preprocess.py saved it (lossless PNG), resized as the loader resizes it
+        batch = np.stack([np.asarray(resize(to_rgb(crop_face(image, f, self.faces)), self.policy), np.uint8)
+                          for f in faces])
+        probs = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float64)
+        return [FacePrediction(f.box, f.confidence, p, self.classes[int(p.argmax())], dict(f.landmarks))
+                for f, p in zip(faces, probs)]
+
     def predict(self, images: Iterable, *, batch_size: int = 32) -> list[str]:
         """The most probable class of each image."""
         probs = self.predict_proba(images, batch_size=batch_size)
@@ -207,33 +259,50 @@ class Classifier:
 
     def _pixels(self, item, index: int) -> np.ndarray:
         """One input as the ``(H, W, 3)`` uint8 array the model takes."""
-        from PIL import Image
+        path = _file_of(item)
+        if path is not None:
+            # decoded exactly as a path is (reduced-size JPEG decoding included); a lazily opened
+            # PIL image is left untouched
+            return load_image(path, self.policy)
+        return np.asarray(resize(_in_memory(item, index), self.policy), dtype=np.uint8)
 
-        if isinstance(item, (str, os.PathLike)):
-            return load_image(item, self.policy)
-        if isinstance(item, Image.Image):
-            filename = getattr(item, "filename", "")
-            # ``tile`` lists the undecoded data: non-empty until ``load()`` (Pillow's ImageFile)
-            if filename and getattr(item, "tile", None) and os.path.isfile(filename):
-                # opened lazily and not decoded yet: decode the file exactly as a path would be
-                # (reduced-size JPEG decoding included), leaving the caller's object untouched
-                return load_image(filename, self.policy)
-            try:
-                from PIL import ImageOps
+    def _photo(self, item, index: int):
+        """One input as the upright full-resolution RGB ``PIL.Image`` (faces are cropped from it)."""
+        path = _file_of(item)
+        return open_rgb(path) if path is not None else _in_memory(item, index)
 
-                img = to_rgb(ImageOps.exif_transpose(item))  # a copy: the caller's image is not changed
-                return np.asarray(resize(img, self.policy), dtype=np.uint8)
-            except Exception as exc:
-                raise ImageError(f"image {index} ({filename or type(item).__name__}): cannot decode "
-                                 f"({type(exc).__name__}: {exc})") from None
-        if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-                raise PipelineError(f"image {index}: expected an (H, W, 3) uint8 RGB array, got "
-                                    f"{item.dtype} of shape {item.shape}")
-            img = Image.fromarray(np.ascontiguousarray(item), "RGB")
-            return np.asarray(resize(img, self.policy), dtype=np.uint8)
-        raise PipelineError(f"image {index}: expected a file path, a PIL image or an (H, W, 3) uint8 "
-                            f"array, got {type(item).__name__}")
+
+def _file_of(item):
+    """The file to decode for a path, or for a PIL image opened lazily and not decoded yet
+    (``tile`` lists the undecoded data until ``load()``); None for in-memory pixels."""
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        return item
+    if isinstance(item, Image.Image):
+        filename = getattr(item, "filename", "")
+        if filename and getattr(item, "tile", None) and os.path.isfile(filename):
+            return filename
+    return None
+
+
+def _in_memory(item, index: int):
+    """A decoded PIL image (EXIF orientation applied, on a copy) or an RGB array as RGB PIL."""
+    from PIL import Image, ImageOps
+
+    if isinstance(item, Image.Image):
+        try:
+            return to_rgb(ImageOps.exif_transpose(item))  # a copy: the caller's image is not changed
+        except Exception as exc:
+            raise ImageError(f"image {index} ({getattr(item, 'filename', '') or type(item).__name__}): "
+                             f"cannot decode ({type(exc).__name__}: {exc})") from None
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+            raise PipelineError(f"image {index}: expected an (H, W, 3) uint8 RGB array, got "
+                                f"{item.dtype} of shape {item.shape}")
+        return Image.fromarray(np.ascontiguousarray(item), "RGB")
+    raise PipelineError(f"image {index}: expected a file path, a PIL image or an (H, W, 3) uint8 "
+                        f"array, got {type(item).__name__}")
 
 
 def compose(frozen, head):

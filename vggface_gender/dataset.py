@@ -30,6 +30,14 @@ The stage (``run_stage``), in order:
    ``data.root`` with ``/`` separators; rows sorted by class, then path) and ``summary.json``,
    as one set with its commit record (``workdir.atomic_paths``). No timestamps: the same images, config and seed give byte-identical files.
 
+With ``faces.detect: mtcnn`` the draw's decode check is a face check: each drawn image is
+decoded at full resolution and detected once (TensorFlow is imported only then); its face crop
+is written to ``work_dir/faces/<sha256 of the PNG bytes>.png`` and the manifest gains the columns
+``crop,crop_sha256,x,y,w,h,confidence`` (crop relative to ``work_dir``; box in pixels of the
+image as the user sees it, after EXIF orientation). An image without a usable face (none found,
+or several with ``faces.multiple: skip``) is reported with its reason and replaced like an
+undecodable one.
+
 Nothing under ``data.root`` is created, changed or removed; files are only opened for reading.
 Imports neither TensorFlow nor matplotlib.
 """
@@ -51,7 +59,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import grouping, images
+from . import faces, grouping, images
 from .config import ALL
 from .errors import ConfigError, DataError, ImageError
 from .progress import Progress
@@ -59,6 +67,9 @@ from .workdir import WorkDir, atomic_paths, require
 
 SPLITS = ("train", "val", "test")
 MANIFEST_HEADER = ("path", "label", "sha256")
+FACE_COLUMNS = ("crop", "crop_sha256", "x", "y", "w", "h", "confidence")
+FACE_MANIFEST_HEADER = MANIFEST_HEADER + FACE_COLUMNS
+FACES_DIR = "faces"  # under work_dir: the training crops (never beside the user's images)
 SUMMARY_FORMAT = "vggface_gender.splits/1"
 STAGE_SCRIPT = "data_preprocess.py"
 
@@ -72,6 +83,8 @@ DUPLICATE = "duplicate"
 IN_BOTH_CLASSES = "in more than one class"
 UNDECODABLE = "undecodable"
 NEAR_DUPLICATE = "near-duplicate"
+NO_FACE = "no face found"
+SEVERAL_FACES = "several faces"
 
 _HASH_BATCH = 32  # files per hashing task
 _ORDER_DOMAIN = b"vggface_gender.dataset.order\0"
@@ -104,37 +117,56 @@ class ManifestEntry(NamedTuple):
 
 
 def read_manifest(path: str | os.PathLike, data_root: str | os.PathLike,
-                  classes: Sequence[str] | None = None) -> list[ManifestEntry]:
+                  classes: Sequence[str] | None = None,
+                  work_dir: str | os.PathLike | None = None) -> list[ManifestEntry]:
     """Read a split manifest written by ``data_preprocess.py``.
 
     Paths in the file are relative to ``data_root`` (so the data folder may move); labels are
     class names. With ``classes``, a label outside them is a one-line ``DataError``. A missing
-    manifest is a ``MissingInputError`` that names ``data_preprocess.py``.
+    manifest is a ``MissingInputError`` that names ``data_preprocess.py``. A manifest made with
+    face detection also fills ``image``/``image_sha256`` (the crop, relative to ``work_dir``:
+    by default the folder above the manifest's ``splits/``).
     """
     path = require(Path(path), STAGE_SCRIPT, "split manifest")
     data_root = Path(data_root)
+    work_root = Path(work_dir) if work_dir is not None else path.parent.parent
     allowed = None if classes is None else set(classes)
     entries: list[ManifestEntry] = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            if header is None or tuple(header) != MANIFEST_HEADER:
+            expected = tuple(header or ()) if tuple(header or ()) in (
+                MANIFEST_HEADER, FACE_MANIFEST_HEADER) else None
+            if expected is None:
                 raise DataError(f"{path}: not a split manifest (header {header!r}, expected "
-                                f"{','.join(MANIFEST_HEADER)}); run `python {STAGE_SCRIPT}` again")
+                                f"{','.join(MANIFEST_HEADER)}[,{','.join(FACE_COLUMNS)}]); "
+                                f"run `python {STAGE_SCRIPT}` again")
             for row in reader:
                 line = reader.line_num
-                if len(row) != len(MANIFEST_HEADER) or not row[0] or not row[1]:
-                    raise DataError(f"{path}: line {line}: expected path,label,sha256, got {row!r}")
+                if len(row) != len(expected) or not row[0] or not row[1]:
+                    raise DataError(f"{path}: line {line}: expected {','.join(expected)}, got {row!r}")
                 rel, label = row[0], row[1]
                 if allowed is not None and label not in allowed:
                     raise DataError(
                         f"{path}: line {line}: label {label!r} is not one of the configured classes "
                         f"({', '.join(classes)}); run `python {STAGE_SCRIPT}` with this config")
-                entries.append(ManifestEntry(data_root / PurePosixPath(rel), label, row[2]))
+                crop = (work_root / PurePosixPath(row[3]), row[4]) if len(row) > 3 else (None, None)
+                entries.append(ManifestEntry(data_root / PurePosixPath(rel), label, row[2], *crop))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable split manifest ({type(exc).__name__}: {exc})") from None
     return entries
+
+
+def split_face_policy(work_dir: str | os.PathLike) -> faces.FacePolicy | None:
+    """The face policy the splits under ``work_dir`` were made with (``summary.json``), or None
+    when not recorded (manifests written by hand, or by an earlier version)."""
+    try:
+        with open(WorkDir(work_dir).split_summary, encoding="utf-8") as f:
+            recorded = json.load(f)["config"]["faces"]
+        return faces.FacePolicy.from_dict(recorded)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_split(cfg, split: str) -> list[ManifestEntry]:
@@ -167,6 +199,7 @@ class _ClassReport:
     verified: int = 0
     undecodable: int = 0
     near_duplicates: int = 0
+    no_face: int = 0
     counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -181,6 +214,7 @@ class _ClassReport:
             "decode_verified": self.verified,
             "undecodable": self.undecodable,
             "near_duplicates_unused": self.near_duplicates,
+            "no_usable_face": self.no_face,
             "used": used,
             "unused_not_verified": self.unique - self.verified,
         }
@@ -202,6 +236,8 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
                           f"'all' (which one gets the images?)")
     folders = _check_folders(cfg, root, classes, where)
     rule = grouping.group_rule(cfg)  # a bad regex or CSV fails before any work
+    face_policy = faces.FacePolicy.from_config(cfg)
+    crops = _FaceCrops(face_policy, Path(cfg.work_dir) / FACES_DIR) if face_policy.detect != "none" else None
     if images_truncation_allowed():
         print("warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated "
               "images will not be detected", file=sys.stderr)
@@ -270,14 +306,14 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
             # Fail before decoding the other classes; decoding this short pool (cheaper than a
             # successful run) makes the error's count of usable images exact.
             drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, reports[cls], [],
-                          verify_workers, quiet=True, decoded=decoded)
+                          verify_workers, quiet=True, decoded=decoded, crops=crops)
             raise _too_few(root / folders[cls], cls, reports[cls],
                            _size(drawn["test"]) + _size(drawn["sample"]), test_n, sample_n)
         _check_enough_groups(units[cls], root / folders[cls], cls, test_n, sample_n, data.val_fraction)
     for c, cls in enumerate(classes):
         report = reports[cls]
         drawn = _draw(units[cls], test_n, sample_n, paths, root, cls, report, skipped,
-                      verify_workers, quiet, decoded)
+                      verify_workers, quiet, decoded, crops)
         largest = max((sum(len(sub) for sub in unit) for unit in units[cls]), default=1)
         slack = largest - 1  # whole groups: a count may fall short by less than one group
         got = {"test": _size(drawn["test"]), "sample": _size(drawn["sample"])}
@@ -307,7 +343,8 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
         chosen = {"val": val, "train": train, "test": [i for unit in drawn["test"] for i in unit]}
         for split in SPLITS:
             report.counts[split] = len(chosen[split])
-            rows[split].extend(sorted((paths[i], cls, digest_rows[i].tobytes().hex())
+            rows[split].extend(sorted((paths[i], cls, digest_rows[i].tobytes().hex(),
+                                       *(crops.columns[i] if crops else ()))
                                       for i in chosen[split]))
         for split, requested in (("train", sample_n), ("test", test_n)):
             if not chosen[split] and requested != 0:
@@ -315,7 +352,7 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
 
     # 7. write
     return _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet,
-                          near_info, group_info if rule else None)
+                          near_info, group_info if rule else None, face_policy)
 
 
 def images_truncation_allowed() -> bool:
@@ -637,7 +674,7 @@ _MAX_PASSES = 64  # groups too large for the remaining count passed over in a ro
 
 
 def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, quiet,
-          decoded=None) -> dict:
+          decoded=None, crops=None) -> dict:
     """Walk the units in order, taking decodable images: the test set first (unless it is 'all').
 
     Returns ``{"test": [...], "sample": [...]}``, lists of taken units (lists of file indices).
@@ -646,6 +683,8 @@ def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, q
     next split), so counts hold exactly where the groups allow, else to within one group.
     ``decoded``: files already decoded completely by the loader (near-duplicate hashing reads
     every byte, at a reduced DCT scale) and counted as verified: not decoded again.
+    ``crops`` (face detection on): each drawn image is checked by ``crops`` instead (decoded,
+    detected, its crop written); one without a usable face is reported and replaced.
     """
     position = 0
     deferred: list[int] = []  # unit numbers passed over, offered first to the next take
@@ -653,6 +692,21 @@ def _draw(units, test_n, sample_n, paths, root, cls, report, skipped, workers, q
 
     def verify(batch_units) -> None:
         todo = [i for u in batch_units for sub in units[u] for i in sub if i not in problems]
+        if crops is not None:
+            # one detector, run in this thread: TensorFlow already uses every core
+            for i in todo:
+                problem = crops.check(i, root / paths[i])
+                problems[i] = problem
+                if decoded is None or not decoded[i]:
+                    report.verified += 1
+                if problem is not None:
+                    reason, detail = problem
+                    if reason == UNDECODABLE:
+                        report.undecodable += 1
+                    else:
+                        report.no_face += 1
+                    skipped.append(_Skip(paths[i], cls, reason, detail))
+            return
         if decoded is not None:
             for i in (i for i in todo if decoded[i]):
                 problems[i] = None
@@ -728,9 +782,48 @@ def _verify(path: Path) -> str | None:
         images.verify_image(path)
         return None
     except ImageError as exc:
-        text = str(exc)
-        prefix = f"{path}: "
-        return text[len(prefix):] if text.startswith(prefix) else text
+        return _without_path(exc, path)
+
+
+def _without_path(exc: ImageError, path: Path) -> str:
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+class _FaceCrops:
+    """The draw's check with face detection: decode at full resolution, detect once, write the
+    crop (content-addressed, so a re-run rewrites nothing), keep its manifest columns."""
+
+    def __init__(self, policy: faces.FacePolicy, folder: Path):
+        self.policy = policy
+        self.folder = folder
+        self.columns: dict[int, tuple[str, ...]] = {}  # file index -> FACE_COLUMNS values
+
+    def check(self, index: int, path: Path) -> tuple[str, str] | None:
+        """None when the image has a usable face (its crop written); else ``(reason, detail)``."""
+        try:
+            image, found = faces.faces_in_file(path, self.policy)
+        except ImageError as exc:
+            return UNDECODABLE, _without_path(exc, path)
+        kept = faces.select_faces(found, self.policy)
+        if not kept:
+            if found:
+                return SEVERAL_FACES, f"{len(found)} faces and faces.multiple is 'skip'"
+            return NO_FACE, (f"no face at faces.min_confidence {self.policy.min_confidence:g}"
+                             f" and faces.min_size {self.policy.min_size}")
+        face = kept[0]
+        buffer = io.BytesIO()
+        faces.crop_face(image, face, self.policy).save(buffer, "PNG")  # lossless: training sees the crop
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.folder / f"{digest}.png"
+        if not target.is_file():
+            with atomic_open(target, "wb") as f:
+                f.write(data)
+        self.columns[index] = (f"{FACES_DIR}/{target.name}", digest,
+                               *(f"{v:.2f}" for v in face.box), f"{face.confidence:.6f}")
+        return None
 
 
 def _too_few(folder: Path, cls: str, report: _ClassReport, usable: int, test_n, sample_n) -> DataError:
@@ -739,7 +832,8 @@ def _too_few(folder: Path, cls: str, report: _ClassReport, usable: int, test_n, 
     total = sum(n for n in (test_n, sample_n) if n != ALL)
     dropped = []
     for count, what in ((report.duplicates, "duplicates"), (report.in_both_classes, "in both classes"),
-                        (report.unreadable, "empty/unreadable"), (report.undecodable, "undecodable")):
+                        (report.unreadable, "empty/unreadable"), (report.undecodable, "undecodable"),
+                        (report.no_face, "without a usable face")):
         if count:
             dropped.append(f"{count} {what}")
     found = f"{report.image_files} image files" + (f" ({', '.join(dropped)})" if dropped else "")
@@ -749,22 +843,23 @@ def _too_few(folder: Path, cls: str, report: _ClassReport, usable: int, test_n, 
         f"data.allow_fewer=true")
 
 
-def _manifest_text(rows: list[tuple[str, str, str]]) -> str:
+def _manifest_text(rows: list[tuple[str, ...]], header=MANIFEST_HEADER) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_HEADER)
+    writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
 
 
 def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_info=None,
-                   group_info=None) -> dict:
+                   group_info=None, face_policy=None) -> dict:
     wd = WorkDir(cfg.work_dir)
     manifests, texts = {}, {}
     for split in SPLITS:
         # Sorted by class (label order), then path: stable and easy to diff.
         ordered = sorted(rows[split], key=lambda r: (classes.index(r[1]), r[0]))
-        texts[split] = _manifest_text(ordered)
+        detecting = face_policy is not None and face_policy.detect != "none"
+        texts[split] = _manifest_text(ordered, FACE_MANIFEST_HEADER if detecting else MANIFEST_HEADER)
         manifests[split] = {"file": wd.manifest(split).name, "rows": len(ordered),
                             "sha256": hashlib.sha256(texts[split].encode("utf-8")).hexdigest()}
     skipped_sorted = sorted(skipped, key=lambda s: (s.path, s.reason, s.detail))
@@ -784,6 +879,7 @@ def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_i
                 "groups": data.groups,
             },
             "seed": cfg.seed,
+            "faces": (face_policy or faces.FacePolicy()).to_dict(),
         },
         "classes": list(classes),
         "counts": {split: {cls: reports[cls].counts[split] for cls in classes} | {

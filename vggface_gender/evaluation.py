@@ -7,7 +7,9 @@
   errors.png}`` (plus ``groups.png`` when ``evaluate.groups`` is set) and prints the report;
 - with ``--images PATH...``: classifies files and folders (recursively) into a CSV on stdout
   or ``--out FILE``, streaming batch by batch; a file that cannot be read gets a row with its
-  error and the batch goes on.
+  error and the batch goes on. A classifier trained with face detection gives one row per face
+  (box, detector confidence), a "no face found" row for a photo without one, and with
+  ``--annotate DIR`` copies of the photos with the boxes and labels drawn.
 
 Both paths run the same function (``Classifier.predict_batches``) through the project's one
 loader with the resize policy stored beside the model (``classifier.json``), so an image gets
@@ -34,7 +36,7 @@ from .errors import ConfigError, DataError, ImageError, ModelFileError, Pipeline
 from .images import IMAGE_EXTENSIONS, find_images
 from .classifier import Classifier, file_sha256, read_info
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, atomic_paths, read_json, require_set
+from .workdir import WorkDir, atomic_open, atomic_path, atomic_paths, read_json, require_set
 
 TRAIN_STAGE = "train.py"
 DATA_STAGE = "data_preprocess.py"
@@ -57,6 +59,9 @@ def _note_policy(cfg, classifier: Classifier) -> None:
     if changed:
         print(f"note: images are resized by '{policy.resize}' with '{policy.interpolation}' interpolation, "
               f"as the classifier was trained (the config now says {', '.join(changed)})", file=sys.stderr)
+    if cfg.faces.detect != classifier.faces.detect:
+        print(f"note: faces are found with faces.detect={classifier.faces.detect}, as the classifier was "
+              f"trained (the config now says faces.detect={cfg.faces.detect})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the test manifest
@@ -243,6 +248,7 @@ def evaluate(cfg, stream=None) -> dict:
         print(f"note: the train/validation splits changed since the classifier was trained; the test "
               f"set shares no image with what it was trained on, so the evaluation stands", file=sys.stderr)
     abs_paths = [Path(e.path) for e in entries]
+    sources = [Path(e.source) for e in entries]  # what the network sees: the face crop, if any
     labels = [e.label for e in entries]
     rule = group_rule(cfg)
     root = Path(cfg.data.root)
@@ -255,7 +261,7 @@ def evaluate(cfg, stream=None) -> dict:
     probs = np.empty((len(abs_paths), len(classes)), dtype=np.float64)
     done = 0
     with Progress(len(abs_paths), "evaluating") as bar:
-        for batch, errors in classifier.predict_batches(abs_paths, cfg.evaluate.batch_size):
+        for batch, errors in classifier.predict_batches(sources, cfg.evaluate.batch_size):
             for error in errors:
                 if error:  # every test image must count: a bad one stops the run, naming it
                     raise ImageError(f"{error} (listed in {manifest})")
@@ -271,6 +277,7 @@ def evaluate(cfg, stream=None) -> dict:
     report["manifest"] = str(manifest)
     report["model"] = str(work.classifier)
     report["policy"] = classifier.policy.to_dict()
+    report["faces"] = classifier.faces.to_dict()
     report["precision"] = classifier.precision
     report["lineage"] = lineage | {"classifier_sha256": features.keras_model_sha256(work.classifier),
                                    "base_sha256": info["base_sha256"]}
@@ -283,7 +290,7 @@ def evaluate(cfg, stream=None) -> dict:
                                                       rule.orders.get(a))
                            for a in rule.attributes},
         }
-    _write_reports(work, report, rel_paths, abs_paths, y_true, y_pred, probs, classifier)
+    _write_reports(work, report, rel_paths, sources, y_true, y_pred, probs, classifier)
     print(reports_text(report, work), file=stream)
     return report
 
@@ -360,13 +367,15 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
 
 
 def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-             stdout=None, stderr=None, classifier: Classifier | None = None) -> dict:
+             stdout=None, stderr=None, classifier: Classifier | None = None,
+             annotate: str | os.PathLike | None = None) -> dict:
     """Classify files and folders into a CSV (``out``, else stdout), streaming batch by batch.
 
     Columns: ``path, predicted, prob_<class>..., in_training, error`` (``in_training``: a file with
     the same bytes was a training or validation image of the classifier). Returns ``{"n", "failed", "out"}``.
     ``classifier``: an already loaded ``load_classifier(...)`` (a notebook classifying several
     folders loads the model once); by default the config's ``work_dir/model/classifier.keras``.
+    A classifier trained with face detection writes one row per face instead (``classify_faces``).
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -379,9 +388,16 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
     for folder in empty:
         print(f"note: {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=stderr)
+    targets = annotation_targets(inputs, files, annotate) if annotate is not None else None
     if classifier is None:
         classifier = load_classifier(work)
         _note_policy(cfg, classifier)
+    if classifier.faces.detect != "none":
+        return classify_faces(classifier, files, out, stdout, stderr, targets)
+    if annotate is not None:
+        raise PipelineError(f"--annotate draws the faces found in whole photos; this classifier was "
+                            f"trained without face detection ({classifier.work_dir / 'model' / 'classifier.json'}"
+                            f": faces.detect is none)")
     classes = classifier.classes
 
     failed = 0
@@ -411,6 +427,105 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     return {"n": len(files), "failed": failed, "out": None if out is None else str(out)}
 
 
+FACE_COLUMNS = ("face", "x", "y", "width", "height", "confidence")
+NO_FACE = "no face found"
+
+
+def classify_faces(classifier: Classifier, files: Sequence[Path], out, stdout, stderr,
+                   targets: dict[Path, Path] | None = None) -> dict:
+    """``--images`` with a classifier trained with face detection: one CSV row per face.
+
+    Columns: ``path, face, x, y, width, height, confidence, predicted, prob_<class>...,
+    in_training, note, error``; ``face`` is the index (0 = largest), the box is in pixels of the
+    photo as the user sees it (after EXIF orientation). A photo without a face gets one row with
+    an empty ``face`` and ``note`` = ``no face found``. Each photo runs through
+    ``Classifier.find_faces`` and ``classify_faces``, as ``Classifier.predict_faces`` does.
+    ``targets``: photo -> annotated copy to write (``--annotate``).
+    """
+    from .faces import draw_faces
+
+    classes = classifier.classes
+    failed = faceless = n_faces = 0
+    sink = atomic_open(out) if out is not None else contextlib.nullcontext(stdout)
+    show_bar = not (out is None and _isatty(stdout) and _isatty(stderr))
+    empty_face = [""] * (len(FACE_COLUMNS) + 1 + len(classes))
+    with sink as f, Progress(len(files), "finding faces", stream=stderr, enabled=show_bar) as bar:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", *FACE_COLUMNS, "predicted", *(f"prob_{c}" for c in classes),
+                         "in_training", "note", "error"])
+        for path in files:
+            try:
+                image, found = classifier.find_faces(path)
+            except ImageError as exc:
+                failed += 1
+                writer.writerow([str(path), *empty_face, "", "", str(exc)])
+                bar.update(1)
+                continue
+            predictions = classifier.classify_faces(image, found)
+            seen = "true" if classifier.file_in_training(path) else "false"
+            if not predictions:
+                faceless += 1
+                writer.writerow([str(path), *empty_face, seen, NO_FACE, ""])
+            for k, p in enumerate(predictions):
+                writer.writerow([str(path), k, *(f"{v:.2f}" for v in p.box), f"{p.confidence:.6f}",
+                                 p.label, *(_prob(v) for v in p.probabilities), seen, "", ""])
+            n_faces += len(predictions)
+            if targets is not None:
+                labels = [f"{k} {p.label} {p.probabilities.max():.2f}" for k, p in enumerate(predictions)]
+                target = targets[path]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    draw_faces(image, found, labels).save(tmp, format=_SAVE_FORMATS.get(target.suffix.lower()))
+            if out is None:
+                f.flush()
+            bar.update(1)
+    summary = f"found {n_faces} faces in {len(files) - failed} of {len(files)} files"
+    if faceless:
+        summary += f"; {faceless} without a face"
+    if failed:
+        summary += f"; {failed} could not be read (see the error column)"
+    print(summary + (f" -> {out}" if out is not None else ""), file=stderr)
+    return {"n": len(files), "failed": failed, "faces": n_faces, "no_face": faceless,
+            "out": None if out is None else str(out)}
+
+
+_SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
+                 ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def annotation_targets(inputs: Sequence[str | os.PathLike], files: Sequence[Path],
+                       folder: str | os.PathLike) -> dict[Path, Path]:
+    """Where ``--annotate`` writes each photo's annotated copy: ``folder/<path inside its input
+    folder>`` (a file named directly: ``folder/<name>``), same format; a clash gets ``_2``, ``_3``...
+
+    Refuses (one line) a folder that is an input folder or inside one (its copies would be
+    classified next time) or that holds an input photo (a copy would overwrite it).
+    """
+    target_dir = Path(folder)
+    real = Path(os.path.realpath(target_dir))
+    for item in inputs:
+        item_real = Path(os.path.realpath(item))
+        if Path(item).is_dir() and (real == item_real or item_real in real.parents):
+            raise PipelineError(f"--annotate {folder}: is inside the input folder {item}; choose a "
+                                f"folder outside it (the photos are never overwritten)")
+    targets: dict[Path, Path] = {}
+    used: set[Path] = set()
+    folders = [Path(i) for i in inputs if Path(i).is_dir()]
+    for path in files:
+        if real in Path(os.path.realpath(path)).parents:
+            raise PipelineError(f"--annotate {folder}: holds the input photo {path}; choose another "
+                                f"folder (the photos are never overwritten)")
+        inside = next((path.relative_to(d) for d in folders if d in path.parents), None)
+        target = first = target_dir / (inside if inside is not None else path.name)
+        n = 1
+        while target in used:
+            n += 1
+            target = first.with_name(f"{first.stem}_{n}{first.suffix}")
+        used.add(target)
+        targets[path] = target
+    return targets
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -420,13 +535,15 @@ def _isatty(stream) -> bool:
 
 # --------------------------------------------------------------------------- the stage
 def run_stage(cfg, *, images: Sequence[str | os.PathLike] | None = None,
-              out: str | os.PathLike | None = None) -> int:
-    """Entry point of ``predict.py``: evaluate, or classify ``images`` into ``out`` (else stdout)."""
-    if out is not None and not images:
-        raise PipelineError("--out is only used with --images (the evaluation writes to work_dir/reports)")
+              out: str | os.PathLike | None = None, annotate: str | os.PathLike | None = None) -> int:
+    """Entry point of ``predict.py``: evaluate, or classify ``images`` into ``out`` (else stdout),
+    with ``annotate``: annotated copies of the photos into that folder."""
+    for flag, value in (("--out", out), ("--annotate", annotate)):
+        if value is not None and not images:
+            raise PipelineError(f"{flag} is only used with --images (the evaluation writes to work_dir/reports)")
     if images:
         try:
-            classify(cfg, images, out)
+            classify(cfg, images, out, annotate=annotate)
         except BrokenPipeError:  # e.g. `predict.py --images x | head`: the reader has all it wants
             # Point stdout at /dev/null so that Python's final flush does not fail again.
             with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):

@@ -56,6 +56,8 @@ def make_splits(data_root: PathLike, work_dir: PathLike = "work", *, class_dirs:
                        data__sample_per_class=sample_per_class, data__val_fraction=val_fraction,
                        data__test_per_class=test_per_class, data__allow_fewer=allow_fewer,
                        data__dedup=dedup, data__groups=groups, seed=seed)
+    if cfg.faces.detect != "none":  # the face detector needs TensorFlow
+        _prepare("faces")
     return dataset.run_stage(cfg, workers=workers, quiet=quiet)
 
 

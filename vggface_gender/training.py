@@ -69,6 +69,22 @@ def read_split(cfg, work: WorkDir, name: str) -> Split:
                  [e.sha256 for e in entries], [e.source_sha256 for e in entries])
 
 
+def training_face_policy(cfg, work: WorkDir):
+    """The face policy the training crops were made with (the splits' ``summary.json``), else
+    the config's; a line says so when the config now says otherwise."""
+    from .dataset import split_face_policy
+    from .faces import FacePolicy
+
+    configured = FacePolicy.from_config(cfg)
+    recorded = split_face_policy(work.root)
+    if recorded is None:
+        return configured
+    if recorded != configured:
+        print(f"note: the splits were made with faces.detect={recorded.detect} (and the other faces.* "
+              f"settings in {work.split_summary.name}); the classifier records those, not the config's")
+    return recorded
+
+
 def read_base_info(work: WorkDir) -> dict:
     path = work.base_info
     require_set(work.base_record, CONVERSION_STAGE, path, "base model description")
@@ -268,6 +284,7 @@ def run_stage(cfg, *, early_stopping: bool = True) -> dict:
     base_info = read_base_info(work)
     require_set(work.base_record, CONVERSION_STAGE, work.base_model, "base model")
     policy = resolve_policy(cfg, base_info)
+    face_policy = training_face_policy(cfg, work)
     classes = cfg.classes
     verbose = keras_verbose()  # 1 in a terminal or notebook, 2 in a log file
     precision = resolve_precision(cfg.model.precision)
@@ -334,6 +351,8 @@ def run_stage(cfg, *, early_stopping: bool = True) -> dict:
         "classes": classes,
         "input_size": list(policy.size),
         "policy": policy.to_dict(),
+        # part of the image policy: prediction finds and crops faces as the training crops were
+        "faces": face_policy.to_dict(),
         "precision": precision.to_dict(),
         "embedding_layer": cut.embedding_layer,
         "trainable_from": cut.trainable_from,

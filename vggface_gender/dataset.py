@@ -63,7 +63,7 @@ from . import faces, grouping, images
 from .config import ALL
 from .errors import ConfigError, DataError, ImageError
 from .progress import Progress
-from .workdir import WorkDir, atomic_paths, require
+from .workdir import WorkDir, atomic_open, atomic_paths, require
 
 SPLITS = ("train", "val", "test")
 MANIFEST_HEADER = ("path", "label", "sha256")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from helpers_faces import backgrounds, face_files, gender, have_faces, iou, phot
 from vggface_gender import Classifier, convert, evaluate, make_splits, synthetic, train
 from vggface_gender import faces as F
 from vggface_gender.dataset import FACE_MANIFEST_HEADER, read_manifest
+from vggface_gender.errors import DataError, ImageError
 
 pytestmark = [pytest.mark.real_faces,
               pytest.mark.skipif(not have_faces, reason="../shared/data/faces not present")]
@@ -218,6 +220,10 @@ def test_annotate_writes_copies_and_never_into_the_input_folder(project, predict
     code = predict.main(["--config", str(predicted["config"]), "--images", str(project["new"]),
                          "--annotate", str(project["new"] / "out")])
     assert code == 1 and "inside the input folder" in capsys.readouterr().err
+    code = predict.main(["--config", str(predicted["config"]), "--images", str(project["new"]),
+                         "--annotate", str(predicted["config"])])
+    err = capsys.readouterr().err
+    assert code == 1 and "is a file, not a folder" in err and err.count("\n") == 1
     assert sorted(project["new"].iterdir()) == before
 
 
@@ -231,3 +237,27 @@ def test_evaluation_uses_the_manifest_crops(project):
     crops = [project["work"] / r["crop"] for r in test]
     np.testing.assert_allclose(clf.predict_proba(crops),
                                [[float(r["prob_female"]), float(r["prob_male"])] for r in predictions], atol=1e-6)
+
+
+def test_a_damaged_crop_stops_evaluation_and_the_next_split_writes_it_again(project, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(project["work"], work)
+    crop = work / rows(work / "splits" / "test.csv")[0]["crop"]
+    good = crop.read_bytes()
+    Image.new("RGB", (8, 8)).save(crop, "PNG")  # a valid image, not the crop the manifest lists
+    with pytest.raises(ImageError, match="changed since the split was made"):
+        evaluate(work, data_root=project["data"], bootstrap=10)
+    make_splits(project["data"], work, seed=0, quiet=True, settings=FACES_SETTINGS, **SPLIT)
+    assert crop.read_bytes() == good
+    assert evaluate(work, data_root=project["data"], bootstrap=10)["n_test"] == 4
+
+
+def test_test_splits_made_with_other_face_settings_are_refused(project, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(project["work"], work)
+    make_splits(project["data"], work, seed=0, quiet=True, **SPLIT)  # faces.detect: none (the default)
+    assert not list((work / "faces").iterdir())  # the crops no manifest lists any more are gone
+    with pytest.raises(DataError, match="faces") as info:
+        evaluate(work, data_root=project["data"], bootstrap=10)
+    assert "\n" not in str(info.value) and "data_preprocess.py" in str(info.value)
+

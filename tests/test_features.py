@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import helpers_train as H
+from vggface_gender import features
 
 
 @pytest.fixture
@@ -103,8 +106,8 @@ def test_a_cache_is_reused_and_rebuilt_when_an_input_changes(tmp_path_factory, p
     H.install_base(H.base_once(tmp_path_factory, seed=1), project.work)
     assert _status(project)["status"] == "built"
 
-    # at most three entries are kept; no temporaries are left behind
-    entries = list((project.work / "features").iterdir())
+    # at most three entries are kept; no temporaries are left behind (the lock file stays)
+    entries = [e for e in (project.work / "features").iterdir() if e.name != features.LOCK_FILE]
     assert len(entries) == 3 and not [e for e in entries if e.name.startswith(".")]
 
 
@@ -123,7 +126,7 @@ def test_a_failed_extraction_leaves_no_committed_entry_and_resumes(project, caps
     bad.write_bytes(b"not an image at all")
     assert project.train() == 1
     assert str(bad) in capsys.readouterr().err
-    [entry] = list((project.work / "features").iterdir())
+    [entry] = [e for e in (project.work / "features").iterdir() if e.name != features.LOCK_FILE]
     assert not (entry / "meta.json").exists()  # no commit record: never served
     bad.write_bytes(saved)
     resumed = _status(project)  # the training features, complete before the failure, are kept
@@ -150,3 +153,23 @@ def test_the_base_models_hash_ignores_its_save_date_but_not_its_weights(tmp_path
     assert sha256_file(first) != sha256_file(again)  # the files' bytes differ (save date)
     assert keras_model_sha256(first) == keras_model_sha256(again)
     assert keras_model_sha256(first) != keras_model_sha256(tmp_path / "other" / "base.keras")
+
+
+def test_runs_in_one_cache_take_turns(tmp_path):
+    """A second run (a notebook beside a script) waits for the first before it reads or prunes."""
+    order = []
+
+    def first():
+        with features._cache_lock(tmp_path):
+            order.append("first in")
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    while not order:
+        time.sleep(0.01)
+    with features._cache_lock(tmp_path):
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"]

@@ -18,7 +18,7 @@ from PIL import Image
 
 import predict
 from vggface_gender import evaluation, images, metrics, reports, synthetic
-from vggface_gender.workdir import WorkDir, commit_set
+from vggface_gender.workdir import WorkDir, commit_set, sha256_file
 
 CLASSES = ["female", "male"]
 SIZE = (16, 20)  # (height, width): not square, so a swapped axis would show
@@ -62,13 +62,15 @@ def build_classifier(work: Path, policy=POLICY, classes=CLASSES, training_hashes
     return model_dir / "classifier.keras"
 
 
-def write_manifest(path: Path, rows) -> Path:
+def write_manifest(path: Path, rows, data: Path) -> Path:
+    """A test manifest of ``(path relative to data, label)`` rows, with each file's real hash
+    (evaluation checks the bytes it decodes against it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "label", "sha256"])
         for rel, label in rows:
-            writer.writerow([rel, label, "0" * 64])
+            writer.writerow([rel, label, sha256_file(data / rel) if (data / rel).is_file() else "0" * 64])
     commit_set(path.parent / WorkDir(".").splits_record.name, [path], "data_preprocess.py")
     return path
 
@@ -93,7 +95,7 @@ def project(tmp_path_factory):
             rel = f"{name}/{file.name}"
             wrong = CLASSES[1 - CLASSES.index(name)]
             rows.append((rel, wrong if rel in SWAPPED else name))
-    write_manifest(work / "splits" / "test.csv", rows)
+    write_manifest(work / "splits" / "test.csv", rows, data)
     build_classifier(work)
     config = write_config(tmp, data, work)
     return {"tmp": tmp, "data": data, "work": work, "rows": rows, "config": config}
@@ -232,7 +234,7 @@ def utkface_like(project):
         shutil.copyfile(project["data"] / rel, data / Path(rel).parent / name)
         rows.append((f"{Path(rel).parent}/{name}", label))
     work = tmp / "work"
-    write_manifest(work / "splits" / "test.csv", rows)
+    write_manifest(work / "splits" / "test.csv", rows, data)
     shutil.copytree(project["work"] / "model", work / "model")
     return {"data": data, "work": work, "rows": rows, "tmp": tmp}
 
@@ -392,7 +394,7 @@ def test_a_broken_test_image_stops_evaluation_naming_it(project, tmp_path, capsy
     shutil.copytree(project["data"], data)
     (data / "male" / "male_00005.jpg").write_bytes(b"\xff\xd8\xff broken")
     work = tmp_path / "work"
-    shutil.copytree(project["work"] / "splits", work / "splits")
+    write_manifest(work / "splits" / "test.csv", project["rows"], data)  # listed broken: a decode error
     shutil.copytree(project["work"] / "model", work / "model")
     code, err = _main(["--config", str(write_config(tmp_path, data, work))], capsys)
     error = err.splitlines()[-1]  # after the progress bar's last line
@@ -400,9 +402,24 @@ def test_a_broken_test_image_stops_evaluation_naming_it(project, tmp_path, capsy
     assert not (work / "reports" / "metrics.json").exists()
 
 
+def test_a_test_image_changed_since_the_split_stops_evaluation_naming_it(project, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(project["data"], data)
+    work = tmp_path / "work"
+    write_manifest(work / "splits" / "test.csv", project["rows"], data)
+    shutil.copytree(project["work"] / "model", work / "model")
+    changed, other = (data / rel for rel, _ in project["rows"][:2])
+    changed.write_bytes(other.read_bytes())  # still a good image: only its bytes tell
+    code, err = _main(["--config", str(write_config(tmp_path, data, work))], capsys)
+    error = err.splitlines()[-1]
+    assert code == 1 and error.startswith("error: ") and "changed since the split was made" in error
+    assert changed.name in error and "test.csv" in error
+    assert not (work / "reports" / "metrics.json").exists()
+
+
 def test_manifest_labels_must_be_classes_of_the_model(project, tmp_path, capsys):
     work = tmp_path / "work"
-    write_manifest(work / "splits" / "test.csv", [("female/female_00000.jpg", "woman")])
+    write_manifest(work / "splits" / "test.csv", [("female/female_00000.jpg", "woman")], project["data"])
     shutil.copytree(project["work"] / "model", work / "model")
     code, err = _main(["--config", str(write_config(tmp_path, project["data"], work))], capsys)
     assert code == 1 and "woman" in err and err.count("\n") == 1

@@ -26,7 +26,6 @@ A classifier trained with face detection (``faces.detect: mtcnn``) records its f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -38,16 +37,11 @@ import numpy as np
 from .errors import ImageError, ModelFileError, PipelineError
 from .faces import Face, FacePolicy, crop_face, detect_faces
 from .images import ImagePolicy, load_image, open_rgb, resize, to_rgb
-from .workdir import WorkDir, read_json, require_set
+from .workdir import WorkDir, read_json, require_set, sha256_file
 
 TRAIN_STAGE = "train.py"
 CONVERSION_STAGE = "model_conversion.py"
 FORMAT = 2  # 1: classifier.keras held the whole network (base included)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_info(work: WorkDir) -> dict:
@@ -237,23 +231,23 @@ class Classifier:
 
     def file_in_training(self, path: str | os.PathLike) -> bool:
         """Whether the file's content hash is one of the training or validation images'."""
-        return file_sha256(path) in self._training_images
+        try:
+            return sha256_file(path) in self._training_images
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
-    def hashes_in_training(self, hashes: Iterable[str]) -> list[str]:
-        """The given content hashes that were training or validation images."""
-        return [h for h in hashes if h in self._training_images]
-
-    def predict_batches(self, paths: Sequence[str | os.PathLike], batch_size: int
-                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
+    def predict_batches(self, paths: Sequence[str | os.PathLike], batch_size: int,
+                        hashes: Sequence[str] | None = None) -> Iterator[tuple[np.ndarray, list[str]]]:
         """Yield ``(probabilities (b, n_classes), errors)`` per batch, in the order of ``paths``.
 
         Decoding runs in parallel ``tf.data`` threads ahead of the model. A file that cannot be
         read has a non-empty error and meaningless probabilities; the caller decides whether
         that stops the run (evaluation) or becomes a row with its error (``--images``).
+        With ``hashes`` (the manifest's), a file whose bytes differ is such an error too.
         """
         from .tf_images import image_dataset
 
-        for images, errors in image_dataset(paths, self.policy, batch_size):
+        for images, errors in image_dataset(paths, self.policy, batch_size, hashes=hashes):
             probs = np.asarray(self.model.predict_on_batch(images), dtype=np.float64)
             yield probs, [e.decode("utf-8", "replace") for e in errors.numpy()]
 

@@ -39,7 +39,7 @@ or several with ``faces.multiple: skip``) is reported with its reason and replac
 undecodable one.
 
 Nothing under ``data.root`` is created, changed or removed; files are only opened for reading.
-Imports neither TensorFlow nor matplotlib.
+Imports neither TensorFlow nor matplotlib unless faces.detect is on.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from . import faces, grouping, images
 from .config import ALL
 from .errors import ConfigError, DataError, ImageError
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, atomic_paths, require
+from .workdir import WorkDir, atomic_open, atomic_paths, require, sha256_file
 
 SPLITS = ("train", "val", "test")
 MANIFEST_HEADER = ("path", "label", "sha256")
@@ -169,13 +169,6 @@ def split_face_policy(work_dir: str | os.PathLike) -> faces.FacePolicy | None:
         return None
 
 
-def load_split(cfg, split: str) -> list[ManifestEntry]:
-    """``read_manifest`` for ``split`` ('train', 'val' or 'test') with the config's paths and classes."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return read_manifest(WorkDir(cfg.work_dir).manifest(split), cfg.data.root, cfg.classes)
-
-
 # --------------------------------------------------------------------------- the stage
 @dataclass
 class _Skip:
@@ -218,6 +211,7 @@ class _ClassReport:
             "used": used,
             "unused_not_verified": self.unique - self.verified,
         }
+
 
 
 def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
@@ -281,6 +275,8 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
                 i += 1
             bar.update(len(batch_results))
     digest_rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)  # a view, no copy
+    if crops is not None:
+        crops.digests = digest_rows
 
     # 3. deduplicate: identical files, then (data.dedup: near) near-duplicate photos
     unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
@@ -799,11 +795,14 @@ class _FaceCrops:
         self.policy = policy
         self.folder = folder
         self.columns: dict[int, tuple[str, ...]] = {}  # file index -> FACE_COLUMNS values
+        self.digests = None  # file index -> the SHA-256 the manifest will list (set once hashed)
 
     def check(self, index: int, path: Path) -> tuple[str, str] | None:
         """None when the image has a usable face (its crop written); else ``(reason, detail)``."""
         try:
-            image, found = faces.faces_in_file(path, self.policy)
+            # the bytes cropped are the bytes the manifest's sha256 (the lineage) names
+            expected = self.digests[index].tobytes().hex() if self.digests is not None else None
+            image, found = faces.faces_in_file(path, self.policy, sha256=expected)
         except ImageError as exc:
             return UNDECODABLE, _without_path(exc, path)
         kept = faces.select_faces(found, self.policy)
@@ -818,7 +817,9 @@ class _FaceCrops:
         data = buffer.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         target = self.folder / f"{digest}.png"
-        if not target.is_file():
+        # Crops are named by their content and written before the splits' commit record; one left
+        # damaged by an interrupted run on a weak-rename folder is written again, not trusted.
+        if not target.is_file() or sha256_file(target) != digest:
             with atomic_open(target, "wb") as f:
                 f.write(data)
         self.columns[index] = (f"{FACES_DIR}/{target.name}", digest,
@@ -898,9 +899,19 @@ def _write_outputs(cfg, classes, rows, reports, skipped, warnings, quiet, near_i
     with atomic_paths(outputs, wd.splits_record, STAGE_SCRIPT) as tmp:
         for name, path in tmp.items():
             path.write_bytes(texts[name].encode("utf-8"))
+    _prune_crops(wd.root / FACES_DIR, {r[3] for split in SPLITS for r in rows[split] if len(r) > 3})
     if not quiet:
         _print_report(wd, cfg.seed, classes, summary)
     return summary
+
+
+def _prune_crops(folder: Path, listed: set[str]) -> None:
+    """Remove the crops no manifest lists any more (earlier splits' faces), once the new set is
+    committed: ``work_dir/faces`` holds what the current splits need, and no more."""
+    if folder.is_dir():
+        for crop in folder.glob("*.png"):
+            if f"{FACES_DIR}/{crop.name}" not in listed:
+                crop.unlink(missing_ok=True)
 
 
 def _print_report(wd: WorkDir, seed: int, classes, summary: dict) -> None:

@@ -34,9 +34,9 @@ import numpy as np
 from . import features, metrics
 from .errors import ConfigError, DataError, ImageError, ModelFileError, PipelineError
 from .images import IMAGE_EXTENSIONS, find_images
-from .classifier import Classifier, file_sha256, read_info
+from .classifier import Classifier, read_info
 from .progress import Progress
-from .workdir import WorkDir, atomic_open, atomic_path, atomic_paths, read_json, require_set
+from .workdir import WorkDir, atomic_open, atomic_path, atomic_paths, read_json, require_set, sha256_file
 
 TRAIN_STAGE = "train.py"
 DATA_STAGE = "data_preprocess.py"
@@ -98,7 +98,7 @@ def check_lineage(cfg, work: WorkDir, info: dict, manifest: Path, entries) -> di
     current = {}
     for name in ("train", "val"):
         with contextlib.suppress(OSError):
-            current[name] = file_sha256(work.manifest(name))
+            current[name] = sha256_file(work.manifest(name))
     resplit = current != lineage["manifests"]
     if overlap:
         if resplit:
@@ -109,7 +109,7 @@ def check_lineage(cfg, work: WorkDir, info: dict, manifest: Path, entries) -> di
         raise DataError(f"{manifest}: {overlap} of the {len(entries)} test images were training or "
                         f"validation images of the classifier ({work.classifier.name}): {why}")
     return {
-        "test_manifest_sha256": file_sha256(manifest),
+        "test_manifest_sha256": sha256_file(manifest),
         "classifier_trained_on": lineage["manifests"],
         "splits_changed_since_training": resplit,
         "overlap_with_training": 0,
@@ -231,6 +231,21 @@ def _csv_rule(cfg, spec: str) -> GroupRule:
 
 
 # --------------------------------------------------------------------------- evaluation
+def check_face_policy(work: WorkDir, info: dict) -> None:
+    """Refuse a test set whose faces were found or cropped otherwise than the training set's:
+    the classifier would be scored on inputs it was not trained on."""
+    from .dataset import split_face_policy
+    from .faces import FacePolicy
+
+    made_with = split_face_policy(work.root) or FacePolicy()
+    trained_with = FacePolicy.from_dict(info.get("faces") or {})
+    if made_with != trained_with and (made_with.detect, trained_with.detect) != ("none", "none"):
+        raise DataError(f"{work.split_summary}: the splits were made with faces {made_with.to_dict()}, the "
+                        f"classifier was trained with faces {trained_with.to_dict()}; run `python "
+                        f"{DATA_STAGE}` with the faces.* settings in {work.classifier_info.name}, or "
+                        f"`python {TRAIN_STAGE}` again")
+
+
 def evaluate(cfg, stream=None) -> dict:
     """Evaluate on the test manifest; write the reports; print the table; return metrics.json's dict."""
     stream = stream or sys.stdout
@@ -242,6 +257,7 @@ def evaluate(cfg, stream=None) -> dict:
     positive = cfg.evaluate.positive_class
     if positive not in classes:
         raise ConfigError(f"evaluate.positive_class: {positive!r} is not a class of the classifier {classes}")
+    check_face_policy(work, info)
     manifest, entries = read_test_manifest(cfg, work, classes)
     lineage = check_lineage(cfg, work, info, manifest, entries)
     if lineage["splits_changed_since_training"]:
@@ -261,7 +277,8 @@ def evaluate(cfg, stream=None) -> dict:
     probs = np.empty((len(abs_paths), len(classes)), dtype=np.float64)
     done = 0
     with Progress(len(abs_paths), "evaluating") as bar:
-        for batch, errors in classifier.predict_batches(sources, cfg.evaluate.batch_size):
+        for batch, errors in classifier.predict_batches(sources, cfg.evaluate.batch_size,
+                                                        [e.source_sha256 for e in entries]):
             for error in errors:
                 if error:  # every test image must count: a bad one stops the run, naming it
                     raise ImageError(f"{error} (listed in {manifest})")
@@ -381,7 +398,9 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     stderr = stderr or sys.stderr
     if classifier is None:
         work = WorkDir(cfg.work_dir)
-        read_info(work)  # before the files are listed: a missing classifier is the first thing to say
+        info = read_info(work)  # before the files are listed: a missing classifier is the first thing to say
+        if annotate is not None and (info.get("faces") or {}).get("detect", "none") == "none":
+            raise PipelineError(_NO_DETECTION_TO_DRAW.format(work.classifier_info))
     files, empty = expand_inputs(inputs)
     if not files:
         raise PipelineError(f"no image files to classify in {', '.join(str(i) for i in inputs)} "
@@ -395,9 +414,7 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     if classifier.faces.detect != "none":
         return classify_faces(classifier, files, out, stdout, stderr, targets)
     if annotate is not None:
-        raise PipelineError(f"--annotate draws the faces found in whole photos; this classifier was "
-                            f"trained without face detection ({classifier.work_dir / 'model' / 'classifier.json'}"
-                            f": faces.detect is none)")
+        raise PipelineError(_NO_DETECTION_TO_DRAW.format(classifier.work_dir / "model" / "classifier.json"))
     classes = classifier.classes
 
     failed = 0
@@ -427,6 +444,8 @@ def classify(cfg, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     return {"n": len(files), "failed": failed, "out": None if out is None else str(out)}
 
 
+_NO_DETECTION_TO_DRAW = ("--annotate draws the faces found in whole photos; this classifier was trained "
+                         "without face detection ({}: faces.detect is none)")
 FACE_COLUMNS = ("face", "x", "y", "width", "height", "confidence")
 NO_FACE = "no face found"
 
@@ -473,9 +492,12 @@ def classify_faces(classifier: Classifier, files: Sequence[Path], out, stdout, s
             if targets is not None:
                 labels = [f"{k} {p.label} {p.probabilities.max():.2f}" for k, p in enumerate(predictions)]
                 target = targets[path]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(target) as tmp:
-                    draw_faces(image, found, labels).save(tmp, format=_SAVE_FORMATS.get(target.suffix.lower()))
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(target) as tmp:
+                        draw_faces(image, found, labels).save(tmp, format=_SAVE_FORMATS[target.suffix.lower()])
+                except (OSError, ValueError) as exc:
+                    raise PipelineError(f"{target}: cannot write the annotated copy ({exc})") from None
             if out is None:
                 f.flush()
             bar.update(1)
@@ -502,6 +524,8 @@ def annotation_targets(inputs: Sequence[str | os.PathLike], files: Sequence[Path
     classified next time) or that holds an input photo (a copy would overwrite it).
     """
     target_dir = Path(folder)
+    if target_dir.exists() and not target_dir.is_dir():
+        raise PipelineError(f"--annotate {folder}: is a file, not a folder")
     real = Path(os.path.realpath(target_dir))
     for item in inputs:
         item_real = Path(os.path.realpath(item))
@@ -517,6 +541,8 @@ def annotation_targets(inputs: Sequence[str | os.PathLike], files: Sequence[Path
                                 f"folder (the photos are never overwritten)")
         inside = next((path.relative_to(d) for d in folders if d in path.parents), None)
         target = first = target_dir / (inside if inside is not None else path.name)
+        if first.suffix.lower() not in _SAVE_FORMATS:  # a photo named without a known extension
+            target = first = first.with_name(first.name + ".png")
         n = 1
         while target in used:
             n += 1

@@ -216,12 +216,13 @@ def select_faces(faces: list[Face], policy: FacePolicy) -> list[Face]:
     return faces[:1]
 
 
-def faces_in_file(path: str | os.PathLike, policy: FacePolicy) -> tuple[Image.Image, list[Face]]:
+def faces_in_file(path: str | os.PathLike, policy: FacePolicy,
+                  sha256: str | None = None) -> tuple[Image.Image, list[Face]]:
     """Decode ``path`` with the project's loader (EXIF orientation applied, RGB) and find faces.
 
-    Raises ``ImageError`` for an unreadable file, as the loader does.
+    Raises ``ImageError`` for an unreadable file, or one whose bytes do not hash to ``sha256``.
     """
-    image = images.open_rgb(path)
+    image = images.open_rgb(path, sha256=sha256)
     return image, detect_faces(image, policy)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, ImageError, ModelFileError, PipelineError
 from .progress import Progress
-from .workdir import check_set, commit_set, fsync_file, kill_point, sha256_file, write_json
+from .workdir import check_set, commit_set, fsync_file, invalidate_set, kill_point, sha256_file, write_json
 
 CACHE_FORMAT = 2  # 1: keyed by the images' paths, sizes and mtimes
 KEEP_ENTRIES = 3  # cache entries kept: the one in use and the most recently used others
@@ -344,12 +344,37 @@ def _resume_point(folder: Path, key: dict, names: Sequence[str], batch_size: int
     return done
 
 
+LOCK_FILE = ".lock"
+
+
 def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Sequence[Split],
                     policy, batch_size: int, strategy=None, verbose: int = 1) -> CachedFeatures:
     """Reuse the entry for ``key``, resume its interrupted extraction or build it by running
     ``model`` over every split once."""
     cache_root = Path(cache_root)
     folder = cache_root / key_id(key)
+    with _cache_lock(cache_root):
+        return _cached_features(cache_root, folder, key, model, splits, policy, batch_size, strategy, verbose)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_root: Path):
+    """One run at a time in a cache: a second ``train.py`` (a notebook beside a script) waits, then
+    reuses what the first built, and never prunes an entry the first is writing. ``flock`` is
+    released by the OS when the holder dies, so a killed run leaves no stale lock; where there is
+    no ``flock`` (Windows, some mounted drives) runs are not serialised."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / LOCK_FILE, "a") as handle:
+        try:
+            import fcntl
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+
+
+def _cached_features(cache_root: Path, folder: Path, key: dict, model, splits: Sequence[Split],
+                     policy, batch_size: int, strategy, verbose: int) -> CachedFeatures:
     names = [s.name for s in splits]
     arrays = load_entry(folder, key, names)
     if arrays is not None:
@@ -363,6 +388,7 @@ def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Seq
         shutil.rmtree(folder, ignore_errors=True)
         done = {name: 0 for name in names}
     folder.mkdir(parents=True, exist_ok=True)
+    invalidate_set(folder / ENTRY_RECORD)  # a record left beside rows about to change vouches for nothing
     resumed = any(done.values())
     shape = tuple(int(d) for d in model.outputs[0].shape[1:])
     start = time.perf_counter()

@@ -111,13 +111,14 @@ def verify_image(path: str | os.PathLike) -> tuple[int, int]:
     return open_rgb(path).size
 
 
-def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Image.Image:
+def open_rgb(path: str | os.PathLike, policy: ImagePolicy | None = None,
+             sha256: str | None = None) -> Image.Image:
     """The decoded, upright, 8-bit RGB Pillow image, before resizing.
 
     With a policy, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
-    leaves at least the pixels the policy's resize needs.
+    leaves at least the pixels the policy's resize needs. With ``sha256``, as ``load_image``.
     """
-    return _open(path, policy, grey=False)
+    return _open(path, policy, grey=False, sha256=sha256)
 
 
 def open_grey(path: str | os.PathLike, policy: ImagePolicy | None = None) -> Image.Image:

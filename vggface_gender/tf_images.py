@@ -74,10 +74,3 @@ def image_dataset(paths: Sequence[str | os.PathLike], policy: ImagePolicy, batch
         label_ds = tf.data.Dataset.from_tensor_slices(np.asarray(labels))
         ds = tf.data.Dataset.zip((ds, label_ds)).map(lambda x, y: (x[0], y, x[1]))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
-
-
-def raise_first_error(errors) -> None:
-    """Raise ``ImageError`` for the first non-empty entry of a batch's ``errors`` tensor."""
-    for e in np.asarray(errors).ravel():
-        if e:
-            raise ImageError(e.decode("utf-8") if isinstance(e, bytes) else str(e))

@@ -80,8 +80,10 @@ def training_face_policy(cfg, work: WorkDir):
     if recorded is None:
         return configured
     if recorded != configured:
-        print(f"note: the splits were made with faces.detect={recorded.detect} (and the other faces.* "
-              f"settings in {work.split_summary.name}); the classifier records those, not the config's")
+        made, now = recorded.to_dict(), configured.to_dict()
+        differ = ", ".join(f"faces.{k}={made[k]} (config: {now[k]})" for k in made if made[k] != now.get(k))
+        print(f"note: the splits were made with {differ} ({work.split_summary.name}); the classifier "
+              f"records those, not the config's")
     return recorded
 
 

@@ -344,9 +344,6 @@ def _resume_point(folder: Path, key: dict, names: Sequence[str], batch_size: int
     return done
 
 
-LOCK_FILE = ".lock"
-
-
 def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Sequence[Split],
                     policy, batch_size: int, strategy=None, verbose: int = 1) -> CachedFeatures:
     """Reuse the entry for ``key``, resume its interrupted extraction or build it by running
@@ -360,17 +357,24 @@ def cached_features(cache_root: str | os.PathLike, key: dict, model, splits: Seq
 @contextlib.contextmanager
 def _cache_lock(cache_root: Path):
     """One run at a time in a cache: a second ``train.py`` (a notebook beside a script) waits, then
-    reuses what the first built, and never prunes an entry the first is writing. ``flock`` is
-    released by the OS when the holder dies, so a killed run leaves no stale lock; where there is
-    no ``flock`` (Windows, some mounted drives) runs are not serialised."""
+    reuses what the first built, and never prunes an entry the first is writing. The lock is
+    ``flock`` on the folder itself (no lock file), released by the OS when the holder dies, so a
+    killed run leaves no stale lock; where there is no ``flock`` (Windows, some mounted drives)
+    runs are not serialised."""
     cache_root.mkdir(parents=True, exist_ok=True)
-    with open(cache_root / LOCK_FILE, "a") as handle:
-        try:
-            import fcntl
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
+    try:
+        import fcntl
+        fd = os.open(cache_root, os.O_RDONLY)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _cached_features(cache_root: Path, folder: Path, key: dict, model, splits: Sequence[Split],

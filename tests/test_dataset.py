@@ -504,6 +504,16 @@ def test_progress_and_report_when_not_quiet(data30, capsys):
     assert "\r" not in err and [line for line in err.splitlines() if line.startswith("hashing:")][-1].count("60/60")
 
 
+def test_hashing_in_worker_processes_gives_the_same_splits(data30, monkeypatch):
+    """Large folders are perceptually hashed in worker processes: same hashes, same splits."""
+    code, rows, summary = run(data30, work="in_process")
+    assert code == 0 and summary["near_duplicates"]["hashed"] == 60
+    monkeypatch.setattr(dataset, "_PROCESS_HASHING_FROM", 1)
+    code, rows_pool, summary_pool = run(data30, "data.dedup=near", work="in_pool")
+    assert code == 0 and rows_pool == rows
+    assert summary_pool["near_duplicates"] == summary["near_duplicates"]
+
+
 # --------------------------------------------------------------------------- reading manifests
 def test_read_manifest_round_trip_and_errors(data30):
     assert run(data30)[0] == 0

@@ -44,6 +44,7 @@ Imports neither TensorFlow nor matplotlib unless faces.detect is on.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -254,41 +255,43 @@ def run_stage(cfg, *, workers: int | None = None, quiet: bool = False) -> dict:
 
     # 2. hash (in order; results do not depend on thread timing)
     n = len(paths)
-    digests = bytearray(32 * n)
-    hashed = np.zeros(n, dtype=bool)
-    hash_workers = workers or min(8, 2 * _cpu_count())
-    root_text = os.fspath(root)
-    with Progress(n, "hashing", enabled=not quiet) as bar:
-        # Batches of files per task: for small files the per-task overhead would dominate.
-        batches = (paths[i: i + _HASH_BATCH] for i in range(0, n, _HASH_BATCH))
-        results = _ordered_map(lambda batch: [_hash_file(os.path.join(root_text, rel)) for rel in batch],
-                               batches, hash_workers)
-        i = 0
-        for batch_results in results:
-            for result in batch_results:
-                if isinstance(result, bytes):
-                    digests[32 * i: 32 * i + 32] = result
-                    hashed[i] = True
-                else:
-                    skipped.append(_Skip(paths[i], classes[labels[i]],
-                                         EMPTY if result == EMPTY else UNREADABLE,
-                                         "" if result == EMPTY else result))
-                    reports[classes[labels[i]]].unreadable += 1
-                i += 1
-            bar.update(len(batch_results))
-    digest_rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)  # a view, no copy
-    if crops is not None:
-        crops.digests = digest_rows
+    with contextlib.ExitStack() as stack:  # the hashing workers, if any, end with step 3
+        hash_pool = _hash_pool(n, workers or _cpu_count(), stack) if data.dedup == "near" else None
+        digests = bytearray(32 * n)
+        hashed = np.zeros(n, dtype=bool)
+        hash_workers = workers or min(8, 2 * _cpu_count())
+        root_text = os.fspath(root)
+        with Progress(n, "hashing", enabled=not quiet) as bar:
+            # Batches of files per task: for small files the per-task overhead would dominate.
+            batches = (paths[i: i + _HASH_BATCH] for i in range(0, n, _HASH_BATCH))
+            results = _ordered_map(lambda batch: [_hash_file(os.path.join(root_text, rel)) for rel in batch],
+                                   batches, hash_workers)
+            i = 0
+            for batch_results in results:
+                for result in batch_results:
+                    if isinstance(result, bytes):
+                        digests[32 * i: 32 * i + 32] = result
+                        hashed[i] = True
+                    else:
+                        skipped.append(_Skip(paths[i], classes[labels[i]],
+                                             EMPTY if result == EMPTY else UNREADABLE,
+                                             "" if result == EMPTY else result))
+                        reports[classes[labels[i]]].unreadable += 1
+                    i += 1
+                bar.update(len(batch_results))
+        digest_rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)  # a view, no copy
+        if crops is not None:
+            crops.digests = digest_rows
 
-    # 3. deduplicate: identical files, then (data.dedup: near) near-duplicate photos
-    unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
-    for c, cls in enumerate(classes):
-        reports[cls].unique = len(unique[c])
-    near_root, near_info, decoded = None, None, np.zeros(n, dtype=bool)
-    if data.dedup == "near":
-        unique, near_root, near_info, decoded = _near_duplicates(
-            paths, labels, unique, classes, root, skipped, reports, data.near_threshold,
-            workers or _cpu_count(), quiet)
+        # 3. deduplicate: identical files, then (data.dedup: near) near-duplicate photos
+        unique = _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports)
+        for c, cls in enumerate(classes):
+            reports[cls].unique = len(unique[c])
+        near_root, near_info, decoded = None, None, np.zeros(n, dtype=bool)
+        if data.dedup == "near":
+            unique, near_root, near_info, decoded = _near_duplicates(
+                paths, labels, unique, classes, root, skipped, reports, data.near_threshold, hash_pool,
+                quiet)
 
     # 4.-6. order (in groups), draw with verification, split
     rows: dict[str, list[tuple[str, str, str]]] = {s: [] for s in SPLITS}
@@ -459,19 +462,17 @@ def _hash_file(path: str) -> bytes | str:
     return digest.digest() if size else EMPTY
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, processes: bool = False) -> Iterator:
-    """``map(fn, items)`` on ``workers`` threads (or ``processes``: then ``fn`` and the items must
-    pickle), results in input order, few tasks in flight.
+def _ordered_map(fn: Callable, items: Iterable, workers: int, pool: ProcessPoolExecutor | None = None
+                 ) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads (or on ``pool``'s processes: then ``fn`` and the
+    items must pickle), results in input order, few tasks in flight.
 
     Bounded so that memory does not grow with the number of items.
     """
-    if workers <= 1:
+    if pool is None and workers <= 1:
         yield from map(fn, items)
         return
-    if processes:  # "spawn": a fresh interpreter, safe beside threads and in notebooks, everywhere
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    else:
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+    executor = pool or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
     pending: deque = deque()
     try:
         for item in items:
@@ -481,7 +482,11 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, processes: bool = 
         while pending:
             yield pending.popleft().result()
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        if pool is None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        else:
+            for future in pending:
+                future.cancel()
 
 
 def _deduplicate(paths, labels, digest_rows, hashed, classes, skipped, reports) -> list[np.ndarray]:
@@ -543,7 +548,28 @@ def _perceptual_hashes(task: tuple[str, list[str]]) -> list[bytes | str]:
     return [grouping.perceptual_hash(os.path.join(root, rel)) for rel in rel_paths]
 
 
-def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, threshold, workers,
+def _hash_pool(n_files: int, workers: int, stack: contextlib.ExitStack) -> ProcessPoolExecutor | None:
+    """Worker processes for perceptual hashing, started now so that their start-up (~0.5 s of
+    imports) overlaps the file hashing; None (hash in this process) for small folders or one core.
+
+    pHash works on tiny numpy/scipy arrays and holds the GIL: threads would share one core, worker
+    processes use them all (6000 files on 2 cores: 7.2-8.6 s -> 4.7-4.8 s, run back to back).
+    "spawn": a fresh interpreter, safe beside threads and in notebooks, on every OS.
+    """
+    if n_files < _PROCESS_HASHING_FROM or workers <= 1:
+        return None
+    pool = stack.enter_context(ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_worker))
+    for _ in range(workers):
+        pool.submit(int)  # each task may start a worker: all of them start importing now
+    return pool
+
+
+def _warm_worker() -> None:
+    import imagehash  # noqa: F401  (the import is the warm-up)
+
+
+def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, threshold, pool,
                      quiet):
     """Perceptual hashes of every candidate, near-duplicate links (``grouping``), cross-class drops.
 
@@ -560,11 +586,7 @@ def _near_duplicates(paths, labels, unique, classes, root, skipped, reports, thr
     with Progress(candidates.size, "near-duplicate hashing", enabled=not quiet) as bar:
         batches = ((root_text, [paths[i] for i in candidates[k: k + _HASH_BATCH].tolist()])
                    for k in range(0, candidates.size, _HASH_BATCH))
-        # pHash works on tiny numpy/scipy arrays and holds the GIL: threads would share one core,
-        # worker processes use them all (bench/bench_preprocess.py, 6000 files on 2 cores: 7.2-8.6 s
-        # -> 4.7-4.8 s); starting them costs ~0.5 s, so small folders stay in this process
-        results = _ordered_map(_perceptual_hashes, batches,
-                               workers if candidates.size >= _PROCESS_HASHING_FROM else 1, processes=True)
+        results = _ordered_map(_perceptual_hashes, batches, 1, pool)
         k = 0
         for batch_results in results:
             for result in batch_results:

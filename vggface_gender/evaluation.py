@@ -495,7 +495,7 @@ def classify_faces(classifier: Classifier, files: Sequence[Path], out, stdout, s
                 try:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_path(target) as tmp:
-                        draw_faces(image, found, labels).save(tmp, format=_SAVE_FORMATS[target.suffix.lower()])
+                        draw_faces(image, found, labels).save(tmp, format=_save_format(target))
                 except (OSError, ValueError) as exc:
                     raise PipelineError(f"{target}: cannot write the annotated copy ({exc})") from None
             if out is None:
@@ -511,8 +511,11 @@ def classify_faces(classifier: Classifier, files: Sequence[Path], out, stdout, s
             "out": None if out is None else str(out)}
 
 
-_SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
-                 ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+def _save_format(path: Path) -> str:
+    """Pillow's format for the file name (the temporary name's suffix would not tell it)."""
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
 
 
 def annotation_targets(inputs: Sequence[str | os.PathLike], files: Sequence[Path],
@@ -541,7 +544,7 @@ def annotation_targets(inputs: Sequence[str | os.PathLike], files: Sequence[Path
                                 f"folder (the photos are never overwritten)")
         inside = next((path.relative_to(d) for d in folders if d in path.parents), None)
         target = first = target_dir / (inside if inside is not None else path.name)
-        if first.suffix.lower() not in _SAVE_FORMATS:  # a photo named without a known extension
+        if first.suffix.lower() not in IMAGE_EXTENSIONS:  # a photo named without a known extension
             target = first = first.with_name(first.name + ".png")
         n = 1
         while target in used:

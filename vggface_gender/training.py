@@ -283,8 +283,7 @@ def run_stage(cfg, *, early_stopping: bool = True) -> dict:
     work = WorkDir(cfg.work_dir)
     # inputs in the order of the stages that make them, so the error names the first to run
     splits = [read_split(cfg, work, "train"), read_split(cfg, work, "val")]
-    base_info = read_base_info(work)
-    require_set(work.base_record, CONVERSION_STAGE, work.base_model, "base model")
+    base_info = read_base_info(work)  # checks the whole set, base.keras included
     policy = resolve_policy(cfg, base_info)
     face_policy = training_face_policy(cfg, work)
     classes = cfg.classes
